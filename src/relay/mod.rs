@@ -1,0 +1,113 @@
+//! The relay: an ADS server for sidecars that carries every stream to istiod on a stream of its
+//! own and rewrites the inbound Listener of workloads whose policy asks for it.
+//!
+//! Each sidecar stream gets one upstream stream, messages go both ways in arrival order, and
+//! every type but Listener passes through as the bytes istiod sent.
+
+pub mod codec;
+pub mod listeners;
+pub mod node;
+pub mod registry;
+pub mod server;
+pub mod sotw;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::policy::EffectivePolicy;
+use crate::rewrite::RewritePlan;
+use crate::source::PolicySnapshot;
+
+pub use listeners::ListenerCache;
+pub use registry::ProxyRegistry;
+pub use server::AdsServer;
+pub use upstream::Upstream;
+
+/// Type URL of Istio's health reports, which pilot-agent sends on the ADS stream.
+pub const HEALTH_INFO_TYPE: &str = "type.googleapis.com/istio.v1.HealthInformation";
+
+/// Default limit on one ADS message, each way: far above the largest LDS and CDS responses seen
+/// in real meshes (a few MB), and well below what would exhaust memory.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
+
+/// Errors of the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The `--upstream` address is not a URI.
+    #[error("upstream address {address:?} is not valid: {reason}")]
+    UpstreamAddress {
+        /// The address as given.
+        address: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// istiod could not be reached.
+    #[error("cannot connect to istiod at {address}: {reason}")]
+    UpstreamConnect {
+        /// The address dialled.
+        address: String,
+        /// The transport's error.
+        reason: String,
+    },
+}
+
+/// Limits that apply to every stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest ADS message accepted or sent, in bytes.
+    pub max_message_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+/// What every stream of the relay shares.
+#[derive(Debug)]
+pub struct Relay {
+    /// Where istiod is.
+    pub upstream: Upstream,
+    /// The latest policies.
+    pub policies: watch::Receiver<Arc<PolicySnapshot>>,
+    /// Rewritten listeners shared between streams.
+    pub cache: ListenerCache,
+    /// Connected proxies.
+    pub registry: Arc<ProxyRegistry>,
+    /// Message limits.
+    pub limits: Limits,
+}
+
+impl Relay {
+    /// A relay to `upstream` following `policies`.
+    pub fn new(
+        upstream: Upstream,
+        policies: watch::Receiver<Arc<PolicySnapshot>>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            upstream,
+            policies,
+            cache: ListenerCache::default(),
+            registry: Arc::default(),
+            limits,
+        }
+    }
+}
+
+/// The rewrite plan for a resolved policy: which chain ports get the standard ALPNs.
+pub fn plan_for(policy: &EffectivePolicy) -> RewritePlan {
+    RewritePlan {
+        default: policy.adds_standard_alpns(None),
+        ports: policy
+            .port_modes
+            .keys()
+            .map(|&port| (port, policy.adds_standard_alpns(Some(port))))
+            .collect(),
+    }
+}

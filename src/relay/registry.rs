@@ -1,0 +1,161 @@
+//! The proxies connected right now, and what the relay did for each: the source of
+//! `/debug/proxies`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use super::listeners::RewrittenListener;
+use super::node::ProxyIdentity;
+use crate::policy::EffectivePolicy;
+use crate::rewrite::RewritePlan;
+
+/// Which ADS form a stream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdsForm {
+    /// `StreamAggregatedResources`.
+    StateOfTheWorld,
+    /// `DeltaAggregatedResources`.
+    Delta,
+}
+
+/// Who made a response that went to a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushOrigin {
+    /// istiod's response, relayed (rewritten or not).
+    Istiod,
+    /// A response the relay made itself.
+    Relay,
+}
+
+/// The last response of one type sent to a proxy.
+#[derive(Debug, Clone, Serialize)]
+pub struct PushRecord {
+    /// When it was sent.
+    pub at: SystemTime,
+    /// Its origin.
+    pub origin: PushOrigin,
+    /// Its nonce.
+    pub nonce: String,
+    /// Its version (SotW `version_info`, Delta `system_version_info`).
+    pub version: String,
+    /// How many resources it carried.
+    pub resources: usize,
+}
+
+/// The proxy's answer to the last response of one type.
+#[derive(Debug, Clone, Serialize)]
+pub struct AckRecord {
+    /// The nonce answered.
+    pub nonce: String,
+    /// The version the proxy reports holding.
+    pub version: String,
+    /// Envoy's error, when the answer was a rejection.
+    pub nack: Option<String>,
+}
+
+/// What the relay knows about one proxy's stream; updated by the stream, read by `/debug`.
+#[derive(Debug, Default, Serialize)]
+pub struct ProxyStatus {
+    /// The policy resolved for the workload at the last LDS response.
+    pub policy: Option<EffectivePolicy>,
+    /// The rewrite plan derived from it.
+    pub plan: RewritePlan,
+    /// Every Listener of the last LDS response and what the rewrite did to it.
+    pub listeners: Vec<Arc<RewrittenListener>>,
+    /// The last response per type URL.
+    pub pushes: BTreeMap<String, PushRecord>,
+    /// The last ACK or NACK per type URL.
+    pub acks: BTreeMap<String, AckRecord>,
+}
+
+/// One connected proxy.
+#[derive(Debug, Serialize)]
+pub struct ProxyEntry {
+    /// A number unique to the stream within this process.
+    pub stream_id: u64,
+    /// Who is connected.
+    pub identity: ProxyIdentity,
+    /// The ADS form.
+    pub xds: XdsForm,
+    /// When the stream opened.
+    pub connected_at: SystemTime,
+    status: Mutex<ProxyStatus>,
+}
+
+impl ProxyEntry {
+    /// The stream's status, for a short read or update.
+    pub fn status(&self) -> MutexGuard<'_, ProxyStatus> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every connected proxy, by stream id.
+#[derive(Debug, Default)]
+pub struct ProxyRegistry {
+    streams: DashMap<u64, Arc<ProxyEntry>>,
+    next_id: AtomicU64,
+}
+
+impl ProxyRegistry {
+    /// Adds a stream; it is removed when the returned guard is dropped.
+    pub fn register(self: &Arc<Self>, identity: ProxyIdentity, xds: XdsForm) -> Registration {
+        let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let entry = Arc::new(ProxyEntry {
+            stream_id,
+            identity,
+            xds,
+            connected_at: SystemTime::now(),
+            status: Mutex::default(),
+        });
+        self.streams.insert(stream_id, entry.clone());
+        Registration {
+            registry: self.clone(),
+            entry,
+        }
+    }
+
+    /// A snapshot of the connected proxies, ordered by stream id.
+    pub fn snapshot(&self) -> Vec<Arc<ProxyEntry>> {
+        let mut all: Vec<_> = self.streams.iter().map(|e| e.value().clone()).collect();
+        all.sort_by_key(|e| e.stream_id);
+        all
+    }
+
+    /// How many streams are connected.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether no stream is connected.
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+}
+
+/// Keeps a stream in the registry for as long as it lives.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<ProxyRegistry>,
+    entry: Arc<ProxyEntry>,
+}
+
+impl Registration {
+    /// The registered entry.
+    pub fn entry(&self) -> &Arc<ProxyEntry> {
+        &self.entry
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.streams.remove(&self.entry.stream_id);
+    }
+}

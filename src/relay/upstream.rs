@@ -1,0 +1,137 @@
+//! The istiod side: how the relay reaches the upstream and what it tells it about the proxy.
+
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+
+use super::RelayError;
+
+/// Path of the state-of-the-world ADS method.
+pub const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+/// Path of the incremental ADS method.
+pub const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// Headers that belong to one HTTP/2 or gRPC hop and are never copied to the next.
+const HOP_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "content-type",
+    "grpc-accept-encoding",
+    "grpc-encoding",
+    "grpc-message",
+    "grpc-message-type",
+    "grpc-status",
+    "grpc-timeout",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+];
+
+/// Where istiod is and how to connect to it.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    endpoint: Endpoint,
+    address: String,
+}
+
+impl Upstream {
+    /// An upstream at `address` (`http://host:port`).
+    pub fn new(address: &str) -> Result<Self, RelayError> {
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| RelayError::UpstreamAddress {
+                address: address.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        Ok(Self {
+            endpoint,
+            address: address.to_string(),
+        })
+    }
+
+    /// The address as configured.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Opens a connection of its own for one proxy stream.
+    ///
+    /// One connection per stream, as pilot-agent does: HTTP/2 flow control is then per proxy, so
+    /// a slow sidecar throttles only its own istiod stream, and streams spread over istiod
+    /// replicas the way the sidecars' own connections would.
+    pub async fn connect(&self) -> Result<Channel, RelayError> {
+        self.endpoint
+            .connect()
+            .await
+            .map_err(|e| RelayError::UpstreamConnect {
+                address: self.address.clone(),
+                reason: error_chain(&e),
+            })
+    }
+}
+
+/// The state-of-the-world method path.
+pub fn sotw_path() -> PathAndQuery {
+    PathAndQuery::from_static(SOTW_PATH)
+}
+
+/// The incremental method path.
+pub fn delta_path() -> PathAndQuery {
+    PathAndQuery::from_static(DELTA_PATH)
+}
+
+/// The sidecar's request metadata as it goes to istiod: everything but the per-hop headers, so
+/// that istiod authenticates the sidecar's own token and cluster id.
+pub fn forwarded_metadata(from: &MetadataMap) -> MetadataMap {
+    let mut headers = from.clone().into_headers();
+    for name in HOP_HEADERS {
+        headers.remove(*name);
+    }
+    MetadataMap::from_headers(headers)
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_headers_stay_behind() {
+        let mut md = MetadataMap::new();
+        md.insert("authorization", "Bearer secret".parse().unwrap());
+        md.insert("clusterid", "Kubernetes".parse().unwrap());
+        md.insert("te", "trailers".parse().unwrap());
+        md.insert("grpc-timeout", "5S".parse().unwrap());
+        md.insert("x-custom", "1".parse().unwrap());
+
+        let out = forwarded_metadata(&md);
+        assert_eq!(out.get("authorization").unwrap(), "Bearer secret");
+        assert_eq!(out.get("clusterid").unwrap(), "Kubernetes");
+        assert_eq!(out.get("x-custom").unwrap(), "1");
+        assert!(out.get("te").is_none());
+        assert!(out.get("grpc-timeout").is_none());
+    }
+}

@@ -1,0 +1,121 @@
+//! What the test upstream saw and sent.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use tonic::metadata::MetadataMap;
+
+/// How the upstream classified a request, following istiod's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Empty nonce, or a type this stream was never sent: answered with the type's snapshot,
+    /// when there is one.
+    Initial,
+    /// The nonce of the latest response for this type, same resource names: not answered.
+    Ack,
+    /// The latest nonce with changed resource names: answered with the current snapshot.
+    AckNamesChanged,
+    /// `error_detail` set: recorded, not answered.
+    Nack,
+    /// A nonce other than the latest one sent on this stream for this type: ignored.
+    Stale,
+}
+
+/// One stream that a client opened.
+#[derive(Clone, Debug)]
+pub struct RecordedStream {
+    /// Stream number, from 1 in opening order.
+    pub id: u64,
+    /// The gRPC metadata (HTTP/2 headers) the client opened the stream with.
+    pub metadata: MetadataMap,
+    /// The node of the first request that carried one.
+    pub node: Option<Node>,
+    /// Whether the stream is still open.
+    pub open: bool,
+    /// The status the client's side ended with, when it ended with an error.
+    pub error: Option<String>,
+}
+
+/// One request received on a stream.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// The stream it came on ([`RecordedStream::id`]).
+    pub stream: u64,
+    /// The gRPC metadata of that stream.
+    pub metadata: MetadataMap,
+    /// The message bytes exactly as they arrived, unknown fields included.
+    pub raw: Bytes,
+    /// The decoded request.
+    pub request: DiscoveryRequest,
+    /// How it was classified.
+    pub kind: RequestKind,
+    /// Whether a response was sent for it.
+    pub answered: bool,
+}
+
+/// One response sent on a stream.
+#[derive(Clone, Debug)]
+pub struct RecordedResponse {
+    /// The stream it went to ([`RecordedStream::id`]).
+    pub stream: u64,
+    /// The response as sent.
+    pub response: DiscoveryResponse,
+}
+
+/// Everything the upstream saw and sent, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Recording {
+    /// Streams, in opening order.
+    pub streams: Vec<RecordedStream>,
+    /// Requests, in arrival order across all streams.
+    pub requests: Vec<RecordedRequest>,
+    /// Responses, in sending order across all streams.
+    pub responses: Vec<RecordedResponse>,
+}
+
+impl Recording {
+    /// Requests of one type URL.
+    pub fn requests_of<'a>(
+        &'a self,
+        type_url: &'a str,
+    ) -> impl Iterator<Item = &'a RecordedRequest> + 'a {
+        self.requests
+            .iter()
+            .filter(move |r| r.request.type_url == type_url)
+    }
+
+    /// Whether some stream acknowledged `version` of `type_url`.
+    pub fn acked(&self, type_url: &str, version: &str) -> bool {
+        self.requests_of(type_url)
+            .any(|r| r.kind == RequestKind::Ack && r.request.version_info == version)
+    }
+
+    /// Requests that carry `error_detail`.
+    pub fn nacks(&self) -> impl Iterator<Item = &RecordedRequest> {
+        self.requests.iter().filter(|r| r.kind == RequestKind::Nack)
+    }
+
+    /// Requests whose `response_nonce` this upstream never sent on any stream: a relay that
+    /// leaks its own nonces upstream shows up here.
+    pub fn foreign_nonces(&self) -> Vec<&RecordedRequest> {
+        let sent: BTreeSet<&str> = self
+            .responses
+            .iter()
+            .map(|r| r.response.nonce.as_str())
+            .collect();
+        self.requests
+            .iter()
+            .filter(|r| {
+                let nonce = r.request.response_nonce.as_str();
+                !nonce.is_empty() && !sent.contains(nonce)
+            })
+            .collect()
+    }
+
+    /// Responses sent on one stream.
+    pub fn responses_on(&self, stream: u64) -> impl Iterator<Item = &RecordedResponse> {
+        self.responses.iter().filter(move |r| r.stream == stream)
+    }
+}

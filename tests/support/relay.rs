@@ -1,0 +1,116 @@
+//! The relay as its users run it: the `alpn-xds serve` binary of this package, with a policy
+//! folder, on free loopback ports. Killed when dropped; a test that panics while it runs gets
+//! the end of its log on stderr.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::http::{HttpReply, get};
+use super::{free_ports, loopback, wait_until};
+
+/// How long the relay may take to answer `/healthz` and `/readyz`.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Lines of the relay's log shown when a test fails.
+const LOG_TAIL: usize = 150;
+
+/// A running `alpn-xds serve`.
+pub struct RelayProcess {
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    /// Runs `alpn-xds serve` in front of `upstream` (`http://…`) reading policies from
+    /// `policy_dir`, and waits until its admin says it is healthy and ready.
+    pub async fn start(upstream: &str, policy_dir: &Path) -> Self {
+        let [listen_port, admin_port] = free_ports::<2>();
+        let (listen, admin) = (loopback(listen_port), loopback(admin_port));
+        let dir = tempfile::Builder::new()
+            .prefix("alpn-xds-")
+            .tempdir()
+            .expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("relay.log")).expect("create log");
+
+        let bin = env!("CARGO_BIN_EXE_alpn-xds");
+        let child = Command::new(bin)
+            .arg("serve")
+            .args(["--listen", &listen.to_string()])
+            .args(["--upstream", upstream])
+            .arg("--policy-dir")
+            .arg(policy_dir)
+            .args(["--admin", &admin.to_string()])
+            .env("ALPN_XDS_LOG", "info,alpn_xds=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+        let mut relay = Self {
+            child,
+            listen,
+            admin,
+            dir,
+        };
+
+        for path in ["/healthz", "/readyz"] {
+            wait_until(&format!("alpn-xds {path}"), START_TIMEOUT, || {
+                if let Some(status) = relay.child.try_wait().ok().flatten() {
+                    panic!("alpn-xds exited early with {status}; its log follows");
+                }
+                async move { get(admin, path).await.ok().filter(|r| r.status == 200) }
+            })
+            .await;
+        }
+        relay
+    }
+
+    /// Where sidecars connect.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The admin address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// `GET path` on the admin port; panics if the admin does not answer.
+    pub async fn admin_get(&self, path: &str) -> HttpReply {
+        get(self.admin, path)
+            .await
+            .unwrap_or_else(|e| panic!("alpn-xds admin {path}: {e}"))
+    }
+
+    /// `GET path` on the admin port, parsed as JSON.
+    pub async fn admin_json(&self, path: &str) -> Value {
+        let reply = self.admin_get(path).await;
+        assert_eq!(reply.status, 200, "alpn-xds admin {path}: {}", reply.body);
+        serde_json::from_str(&reply.body)
+            .unwrap_or_else(|e| panic!("alpn-xds admin {path} is not JSON ({e}): {}", reply.body))
+    }
+
+    /// The relay's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n");
+            eprintln!("---- last {LOG_TAIL} lines of alpn-xds's log ----\n{tail}");
+        }
+    }
+}
