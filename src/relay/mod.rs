@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::policy::EffectivePolicy;
+use crate::policy::{EffectivePolicy, Workload};
 use crate::rewrite::RewritePlan;
-use crate::source::PolicySnapshot;
+use crate::source::{PodTracker, PolicySnapshot};
+use node::ProxyIdentity;
 
 pub use listeners::ListenerCache;
 pub use registry::ProxyRegistry;
@@ -81,6 +82,8 @@ pub struct Relay {
     pub registry: Arc<ProxyRegistry>,
     /// Message limits.
     pub limits: Limits,
+    /// Follows the live labels of connected proxies' pods, when the source can.
+    pub pod_tracker: Option<Arc<dyn PodTracker>>,
 }
 
 impl Relay {
@@ -96,8 +99,26 @@ impl Relay {
             cache: ListenerCache::default(),
             registry: Arc::default(),
             limits,
+            pod_tracker: None,
         }
     }
+
+    /// The same relay, following pod labels through `tracker`.
+    pub fn with_pod_tracker(mut self, tracker: Arc<dyn PodTracker>) -> Self {
+        self.pod_tracker = Some(tracker);
+        self
+    }
+}
+
+/// The workload a policy is resolved for: the proxy's namespace and pod name, with the pod's
+/// live labels when the source follows them and the node metadata's labels otherwise.
+pub fn workload_for(identity: &ProxyIdentity, snapshot: &PolicySnapshot) -> Option<Workload> {
+    let mut workload = identity.workload.clone()?;
+    let key = (workload.namespace.clone(), workload.name.clone());
+    if let Some(labels) = snapshot.pods.get(&key) {
+        workload.labels = labels.clone();
+    }
+    Some(workload)
 }
 
 /// The rewrite plan for a resolved policy: which chain ports get the standard ALPNs.

@@ -18,7 +18,7 @@ use super::listeners::{LISTENER_TYPE, rewrite_lds};
 use super::node::ProxyIdentity;
 use super::registry::{AckRecord, ProxyEntry, PushOrigin, PushRecord, Registration, XdsForm};
 use super::upstream::{error_chain, forwarded_metadata, sotw_path};
-use super::{HEALTH_INFO_TYPE, Relay, plan_for};
+use super::{HEALTH_INFO_TYPE, Relay, plan_for, workload_for};
 use crate::wire::{DiscoveryRequest, DiscoveryResponse};
 
 /// Responses waiting for the sidecar beyond the one being written: a slow sidecar holds back its
@@ -127,6 +127,11 @@ async fn forward_responses(
     tx: mpsc::Sender<Result<Frame<DiscoveryResponse>, Status>>,
 ) {
     let entry = registration.entry().clone();
+    // Followed for as long as this stream lives.
+    let _pod = relay.pod_tracker.as_ref().and_then(|tracker| {
+        let workload = entry.identity.workload.as_ref()?;
+        Some(tracker.track(&workload.namespace, &workload.name))
+    });
     loop {
         let next = tokio::select! {
             biased;
@@ -163,11 +168,8 @@ async fn forward_responses(
 
 /// Rewrites the Listeners of one LDS response for the proxy's current policy.
 fn rewrite_response(relay: &Relay, entry: &ProxyEntry, frame: &mut Frame<DiscoveryResponse>) {
-    let policy = entry
-        .identity
-        .workload
-        .as_ref()
-        .map(|workload| relay.policies.borrow().set.resolve(workload));
+    let snapshot = relay.policies.borrow().clone();
+    let policy = workload_for(&entry.identity, &snapshot).map(|w| snapshot.set.resolve(&w));
     let plan = policy.as_ref().map(plan_for).unwrap_or_default();
 
     let mut listeners = Vec::new();

@@ -133,6 +133,7 @@ impl FolderSource {
             synced: true,
             errors,
             origin: format!("folder {}", self.dir.display()),
+            pods: Arc::default(),
         }))
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod files;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -48,6 +49,20 @@ pub struct PolicySnapshot {
     pub errors: Vec<PolicyError>,
     /// Where the policies come from, for humans.
     pub origin: String,
+    /// Live labels of the pods of connected proxies, when the source follows them; a pod not
+    /// in here is judged by the labels in its node metadata.
+    #[serde(skip)]
+    pub pods: Arc<PodLabels>,
+}
+
+/// Pod labels keyed by (namespace, pod name).
+pub type PodLabels = BTreeMap<(String, String), BTreeMap<String, String>>;
+
+/// A source that can follow the labels of the pods whose proxies are connected.
+pub trait PodTracker: Send + Sync + std::fmt::Debug {
+    /// Follows the labels of pod `namespace/name` until the returned guard is dropped; changes
+    /// arrive as new snapshots with [`PolicySnapshot::pods`] updated.
+    fn track(&self, namespace: &str, name: &str) -> Box<dyn std::any::Any + Send + Sync>;
 }
 
 impl PolicySnapshot {
@@ -59,6 +74,7 @@ impl PolicySnapshot {
             synced: false,
             errors: Vec::new(),
             origin: origin.to_string(),
+            pods: Arc::default(),
         }
     }
 }
