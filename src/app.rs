@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, info_span};
 
 use crate::admin;
@@ -36,18 +36,26 @@ pub struct RunningRelay {
     pub policy_writer: watch::Sender<Arc<PolicySnapshot>>,
     stop_accepting: watch::Sender<bool>,
     stop_admin: watch::Sender<bool>,
+    stop_server: watch::Sender<bool>,
     xds: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<Result<(), admin::AdminError>>,
 }
 
 impl RunningRelay {
-    /// Stops accepting, ends every stream spread over `window` and waits for the server to
-    /// finish (at most `window` plus a short grace), then stops the admin endpoints.
-    pub async fn shutdown(mut self, window: Duration) {
+    /// Stops accepting, ends every stream spread over `window`, waits for them (at most
+    /// `window` plus a short grace), then stops the servers.
+    pub async fn shutdown(self, window: Duration) {
         info!(streams = self.relay.registry.len(), ?window, "draining");
-        self.relay.drain(window);
         let _ = self.stop_accepting.send(true);
-        if tokio::time::timeout(window + EXIT_GRACE, &mut self.xds)
+        self.relay.drain(window);
+
+        let registry = self.relay.registry.clone();
+        let drained = async {
+            while !registry.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(window + EXIT_GRACE, drained)
             .await
             .is_err()
         {
@@ -55,9 +63,13 @@ impl RunningRelay {
                 streams = self.relay.registry.len(),
                 "streams still open after the drain window"
             );
-            self.xds.abort();
         }
+
+        let _ = self.stop_server.send(true);
         let _ = self.stop_admin.send(true);
+        if tokio::time::timeout(EXIT_GRACE, self.xds).await.is_err() {
+            info!("the xDS server did not stop in time");
+        }
         let _ = tokio::time::timeout(EXIT_GRACE, self.admin).await;
     }
 }
@@ -100,7 +112,10 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
             .instrument(info_span!("admin")),
     );
 
-    let (stop_accepting, stop_rx) = watch::channel(false);
+    // Accepting stops first, at the start of a drain; the server itself only once the streams
+    // are gone, because stopping it ends every stream at once.
+    let (stop_accepting, accepting_rx) = watch::channel(false);
+    let (stop_server, stop_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -111,7 +126,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
             let config =
                 tls::server_config(cert.clone()).context("building the TLS configuration")?;
             tls::follow(cert);
-            let incoming = tls::incoming(xds_listener, config);
+            let incoming = tls::incoming(xds_listener, config, accepting_rx);
             tokio::spawn(
                 server
                     .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
@@ -121,7 +136,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         _ if args.plaintext => tokio::spawn(
             server
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(xds_listener),
+                    plaintext_incoming(xds_listener, accepting_rx),
                     stopped(stop_rx),
                 )
                 .instrument(info_span!("xds")),
@@ -145,6 +160,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         policy_writer,
         stop_accepting,
         stop_admin,
+        stop_server,
         xds,
         admin,
     })
@@ -175,6 +191,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     info!("alpn-xds stopped");
     Ok(())
+}
+
+/// Plaintext connections from `listener` until `stop` turns true; then the socket closes and
+/// the stream stays open, so that the server keeps serving the connections it has.
+fn plaintext_incoming(
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(Some((listener, stop)), |state| async move {
+        let (listener, mut stop) = state?;
+        let accepted = tokio::select! {
+            () = stop.wait_for(|stop| *stop).map(|_| ()) => None,
+            accepted = listener.accept() => Some(accepted),
+        };
+        let Some(accepted) = accepted else {
+            drop(listener);
+            std::future::pending::<()>().await;
+            return None;
+        };
+        let item = accepted.map(|(tcp, _)| {
+            let _ = tcp.set_nodelay(true);
+            tcp
+        });
+        Some((item, Some((listener, stop))))
+    })
 }
 
 /// Keeps the policy metrics in step with the policies in force.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -153,14 +153,26 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<Arc<ServerConfig>, rust
     Ok(Arc::new(config))
 }
 
-/// Keeps `cert` in step with its files until the process ends.
+/// Keeps `cert` in step with its files until the process ends: at once when the file system
+/// reports a change in their folders, and every [`RELOAD_EVERY`] in case it does not.
 pub fn follow(cert: Arc<ReloadingCert>) {
     let span = info_span!("serving_cert", cert = %cert.cert_path.display());
+    let (tx, mut changes) = mpsc::channel::<()>(1);
+    let watcher = watch_folders(&[&cert.cert_path, &cert.key_path], tx);
     tokio::spawn(
         async move {
+            // Owned by the task so that notifications last as long as it does.
+            let _watcher = watcher;
             let mut every = tokio::time::interval(RELOAD_EVERY);
             loop {
-                every.tick().await;
+                tokio::select! {
+                    _ = every.tick() => {}
+                    Some(()) = changes.recv() => {
+                        // Both files are usually replaced together; read them once.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        while changes.try_recv().is_ok() {}
+                    }
+                }
                 cert.reload();
             }
         }
@@ -168,11 +180,38 @@ pub fn follow(cert: Arc<ReloadingCert>) {
     );
 }
 
+fn watch_folders(files: &[&Path], tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let is_change = event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)));
+        if is_change {
+            let _ = tx.try_send(());
+        }
+    })
+    .inspect_err(|error| warn!(%error, "cannot watch the certificate files; polling them"))
+    .ok()?;
+    for file in files {
+        // The folder, not the file: renewals replace files (and Kubernetes swaps a symlink).
+        let folder = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let Err(error) = watcher.watch(folder, notify::RecursiveMode::NonRecursive) {
+            warn!(%error, folder = %folder.display(), "cannot watch the certificate folder; polling it");
+        }
+    }
+    Some(watcher)
+}
+
 /// Accepts TCP connections on `listener` and hands out those whose TLS handshake completed.
-/// Handshakes run side by side, so a slow client delays nobody else.
+/// Handshakes run side by side, so a slow client delays nobody else. Once `stop` turns true
+/// the listening socket is closed; the stream stays open so that the server keeps serving the
+/// connections it has.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
     let acceptor = TlsAcceptor::from(config);
@@ -182,7 +221,13 @@ pub fn incoming(
                 // The listener closes as soon as the server stops taking connections.
                 let accepted = tokio::select! {
                     () = tx.closed() => return,
-                    accepted = listener.accept() => accepted,
+                    () = stop.wait_for(|stop| *stop).map(|_| ()) => None,
+                    accepted = listener.accept() => Some(accepted),
+                };
+                let Some(accepted) = accepted else {
+                    drop(listener);
+                    tx.closed().await;
+                    return;
                 };
                 let (tcp, peer) = match accepted {
                     Ok(accepted) => accepted,

@@ -30,6 +30,11 @@ impl RelayProcess {
     /// Runs `alpn-xds serve` in front of `upstream` (`http://…`) reading policies from
     /// `policy_dir`, and waits until its admin says it is healthy and ready.
     pub async fn start(upstream: &str, policy_dir: &Path) -> Self {
+        Self::start_with(upstream, policy_dir, &["--plaintext"]).await
+    }
+
+    /// Like [`RelayProcess::start`], with `args` in place of `--plaintext`.
+    pub async fn start_with(upstream: &str, policy_dir: &Path, args: &[&str]) -> Self {
         let [listen_port, admin_port] = free_ports::<2>();
         let (listen, admin) = (loopback(listen_port), loopback(admin_port));
         let dir = tempfile::Builder::new()
@@ -46,7 +51,7 @@ impl RelayProcess {
             .arg("--policy-dir")
             .arg(policy_dir)
             .args(["--admin", &admin.to_string()])
-            .arg("--plaintext")
+            .args(args)
             .env("ALPN_XDS_LOG", "info,alpn_xds=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
@@ -95,6 +100,25 @@ impl RelayProcess {
         assert_eq!(reply.status, 200, "alpn-xds admin {path}: {}", reply.body);
         serde_json::from_str(&reply.body)
             .unwrap_or_else(|e| panic!("alpn-xds admin {path} is not JSON ({e}): {}", reply.body))
+    }
+
+    /// Sends SIGTERM, as Kubernetes does before it stops a pod.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        wait_until("alpn-xds to exit", timeout, || {
+            let status = child.try_wait().expect("wait for alpn-xds");
+            async move { status }
+        })
+        .await
     }
 
     /// The relay's log so far.
