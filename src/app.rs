@@ -92,7 +92,8 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         observe_policies(policies.clone(), metrics.clone()).instrument(info_span!("policies")),
     );
 
-    let upstream = Upstream::new(&args.upstream, upstream_tls(args)?)?;
+    let upstream = Upstream::new(&args.upstream, upstream_tls(args)?)?
+        .with_connect_rate(args.upstream_connect_rate);
     let limits = Limits {
         max_message_size: args.max_message_size,
         max_stream_age: Some(args.max_connection_age).filter(|age| !age.is_zero()),

@@ -104,6 +104,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ALPN_XDS_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
     pub max_message_size: usize,
 
+    /// At most this many new connections to istiod a second, after a burst of as many, so
+    /// that a mass reconnect reaches istiod as a trickle; 0 sets no limit.
+    #[arg(long, env = "ALPN_XDS_UPSTREAM_CONNECT_RATE", default_value_t = 200)]
+    pub upstream_connect_rate: u32,
+
     /// Streams older than this (±10%) are ended so that sidecars spread over replicas after a
     /// scale-up or a rollout; `0s` keeps them forever.
     #[arg(
