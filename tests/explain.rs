@@ -601,3 +601,49 @@ fn bad_inputs_exit_2_and_name_the_file_and_field() {
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("--namespace"), "{}", run.stderr);
 }
+
+#[test]
+fn policies_may_be_one_file_or_come_from_the_environment() {
+    let dir = workspace(&namespace_policy("PERMISSIVE", "true"));
+    let file = fixtures_dir()
+        .join("istio-1.19-permissive-istio-authz-testdata.json")
+        .display()
+        .to_string();
+    let one_file = path(&dir, "policies/pa.yaml");
+    let run = explain(&[
+        "--policy-dir",
+        &one_file,
+        "--listeners",
+        &file,
+        "--namespace",
+        "shop",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let json: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(json["policies"]["loaded"], 1);
+    assert_eq!(json["decision"]["rewrites"], true);
+
+    // As for serve: ALPN_XDS_POLICY_DIR and ALPN_XDS_ROOT_NAMESPACE stand in for the flags. With
+    // `shop` as the root namespace, its policy is the mesh policy and its annotation is ignored.
+    let output = Command::new(env!("CARGO_BIN_EXE_alpn-xds"))
+        .args([
+            "explain",
+            "--listeners",
+            &file,
+            "--namespace",
+            "shop",
+            "--output",
+            "json",
+        ])
+        .env("ALPN_XDS_POLICY_DIR", path(&dir, "policies"))
+        .env("ALPN_XDS_ROOT_NAMESPACE", "shop")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["policies"]["root_namespace"], "shop");
+    assert_eq!(json["decision"]["rewrites"], false);
+    assert_eq!(json["policy"]["reports"][0]["kind"], "ignored_placement");
+}

@@ -116,7 +116,7 @@ fn workload_from_node_json(text: &str, path: &Path) -> Result<WorkloadInfo, Expl
 /// Finds the Envoy node in a JSON document: a config dump (its bootstrap section), a
 /// `BootstrapConfigDump`, a bootstrap, a node, or the metadata object alone. On failure, the
 /// field at fault and what is wrong with it.
-pub(super) fn node_from_json(document: &Value) -> Result<Node, (String, String)> {
+fn node_from_json(document: &Value) -> Result<Node, (String, String)> {
     let Value::Object(top) = document else {
         return Err((
             "(top level)".into(),
