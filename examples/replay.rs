@@ -23,11 +23,11 @@ use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use prost::Message;
 
 use alpn_xds::app;
-use alpn_xds::config::ServeArgs;
+use alpn_xds::config::{Cli, Command};
 use alpn_xds::dump::listeners_from_json;
-use alpn_xds::relay::DEFAULT_MAX_MESSAGE_SIZE;
 use alpn_xds::relay::listeners::LISTENER_TYPE;
 use alpn_xds::testkit::upstream::{Snapshot, TestUpstream};
+use clap::Parser;
 
 const EMBEDDED_DUMP: &str =
     include_str!("../testdata/istio/istio-1.19-permissive-istio-authz-testdata.json");
@@ -78,15 +78,20 @@ async fn main() -> anyhow::Result<()> {
     // The relay, as `alpn-xds serve` runs it, with the policy in a folder of its own.
     let policy_dir = tempfile::tempdir()?;
     std::fs::write(policy_dir.path().join("policy.yaml"), policy)?;
-    let relay = app::start(&ServeArgs {
-        listen: "127.0.0.1:0".parse()?,
-        upstream: upstream.url(),
-        policy_dir: Some(policy_dir.path().to_path_buf()),
-        admin: "127.0.0.1:0".parse()?,
-        root_namespace: "istio-system".to_string(),
-        max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-    })
-    .await?;
+    let cli = Cli::try_parse_from([
+        "alpn-xds".as_ref(),
+        "serve".as_ref(),
+        "--listen=127.0.0.1:0".as_ref(),
+        "--admin=127.0.0.1:0".as_ref(),
+        "--plaintext".as_ref(),
+        format!("--upstream={}", upstream.url()).as_ref(),
+        "--policy-dir".as_ref(),
+        policy_dir.path().as_os_str(),
+    ])?;
+    let Command::Serve(args) = cli.command else {
+        anyhow::bail!("the arguments above are those of serve");
+    };
+    let relay = app::start(&args).await?;
 
     // The sidecar's side: one LDS request, as Envoy sends it.
     let mut client =

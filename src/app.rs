@@ -1,5 +1,5 @@
-//! Wires the parts into a running relay: policies, the relay, its gRPC server and the admin
-//! endpoints, and a shutdown on SIGTERM or Ctrl-C.
+//! Wires the parts into a running relay: policies, the relay, its gRPC server (TLS or, when asked
+//! for, plaintext) and the admin endpoints, and a drain on SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,11 +14,14 @@ use tracing::{Instrument, info, info_span};
 
 use crate::admin;
 use crate::config::ServeArgs;
+use crate::metrics::Metrics;
+use crate::relay::upstream::UpstreamTls;
 use crate::relay::{AdsServer, Limits, Relay, Upstream};
-use crate::source::{PolicySnapshot, files};
+use crate::source::{PolicySnapshot, PolicyWatch, files};
+use crate::tls;
 
-/// How long streams get to finish after a shutdown signal before the process exits anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// After the drain window, how long the process waits for the last streams before it exits.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// A relay that is serving, with the addresses it bound.
 #[derive(Debug)]
@@ -31,26 +34,39 @@ pub struct RunningRelay {
     pub relay: Arc<Relay>,
     /// Writes new policy snapshots; the relay's streams read them.
     pub policy_writer: watch::Sender<Arc<PolicySnapshot>>,
-    stop: watch::Sender<bool>,
+    stop_accepting: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
     xds: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<Result<(), admin::AdminError>>,
 }
 
 impl RunningRelay {
-    /// Stops accepting, ends the servers and waits up to `grace` for them.
-    pub async fn shutdown(self, grace: Duration) {
-        let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(grace, async {
-            let _ = self.xds.await;
-            let _ = self.admin.await;
-        })
-        .await;
+    /// Stops accepting, ends every stream spread over `window` and waits for the server to
+    /// finish (at most `window` plus a short grace), then stops the admin endpoints.
+    pub async fn shutdown(mut self, window: Duration) {
+        info!(streams = self.relay.registry.len(), ?window, "draining");
+        self.relay.drain(window);
+        let _ = self.stop_accepting.send(true);
+        if tokio::time::timeout(window + EXIT_GRACE, &mut self.xds)
+            .await
+            .is_err()
+        {
+            info!(
+                streams = self.relay.registry.len(),
+                "streams still open after the drain window"
+            );
+            self.xds.abort();
+        }
+        let _ = self.stop_admin.send(true);
+        let _ = tokio::time::timeout(EXIT_GRACE, self.admin).await;
     }
 }
 
 /// Loads policies, binds both listeners and starts serving in the background.
 pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
+    // Logged once; the configuration holds file paths, never secrets.
     info!(config = ?args, "starting alpn-xds");
+    let metrics = Arc::new(Metrics::new());
 
     // Policies first: a relay that cannot decide must not accept sidecars.
     let Some(dir) = &args.policy_dir else {
@@ -58,14 +74,18 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
             "no policy source: pass --policy-dir (the Kubernetes API source is not built into this version)"
         );
     };
-    let (policy_writer, policies) = files::watch_dir(dir, &args.root_namespace)
+    let (policy_writer, policies) = files::watch_dir(dir, &args.root_namespace, metrics.clone())
         .with_context(|| format!("loading policies from {}", dir.display()))?;
+    tokio::spawn(
+        observe_policies(policies.clone(), metrics.clone()).instrument(info_span!("policies")),
+    );
 
-    let upstream = Upstream::new(&args.upstream)?;
+    let upstream = Upstream::new(&args.upstream, upstream_tls(args)?)?;
     let limits = Limits {
         max_message_size: args.max_message_size,
+        max_stream_age: Some(args.max_connection_age).filter(|age| !age.is_zero()),
     };
-    let relay = Arc::new(Relay::new(upstream, policies, limits));
+    let relay = Arc::new(Relay::new(upstream, policies, limits, metrics));
 
     let admin_listener = admin::bind(args.admin).await?;
     let xds_listener = TcpListener::bind(args.listen)
@@ -74,22 +94,46 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
     let xds_addr = xds_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop_admin, stop_admin_rx) = watch::channel(false);
     let admin = tokio::spawn(
-        admin::serve(admin_listener, relay.clone(), stopped(stop_rx.clone()))
+        admin::serve(admin_listener, relay.clone(), stopped(stop_admin_rx))
             .instrument(info_span!("admin")),
     );
-    let xds = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(AdsServer::new(relay.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), stopped(stop_rx))
-            .instrument(info_span!("xds")),
-    );
+
+    let (stop_accepting, stop_rx) = watch::channel(false);
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(AdsServer::new(relay.clone()));
+    let xds = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let cert = tls::ReloadingCert::load(cert, key)?;
+            let config =
+                tls::server_config(cert.clone()).context("building the TLS configuration")?;
+            tls::follow(cert);
+            let incoming = tls::incoming(xds_listener, config);
+            tokio::spawn(
+                server
+                    .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
+                    .instrument(info_span!("xds")),
+            )
+        }
+        _ if args.plaintext => tokio::spawn(
+            server
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(xds_listener),
+                    stopped(stop_rx),
+                )
+                .instrument(info_span!("xds")),
+        ),
+        _ => bail!(
+            "no serving certificate: pass --tls-cert and --tls-key, or --plaintext to serve sidecars without TLS"
+        ),
+    };
 
     info!(
         listen = %xds_addr,
+        tls = !args.plaintext,
         admin = %admin_addr,
         upstream = %relay.upstream.address(),
         "alpn-xds is serving"
@@ -99,13 +143,26 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         admin_addr,
         relay,
         policy_writer,
-        stop,
+        stop_accepting,
+        stop_admin,
         xds,
         admin,
     })
 }
 
-/// Runs `alpn-xds serve` until SIGTERM or Ctrl-C.
+fn upstream_tls(args: &ServeArgs) -> anyhow::Result<Option<UpstreamTls>> {
+    let Some(ca) = &args.upstream_ca else {
+        return Ok(None);
+    };
+    let ca_pem = std::fs::read(ca)
+        .with_context(|| format!("reading the upstream CA bundle {}", ca.display()))?;
+    Ok(Some(UpstreamTls {
+        ca_pem,
+        server_name: args.upstream_server_name.clone(),
+    }))
+}
+
+/// Runs `alpn-xds serve` until SIGTERM or Ctrl-C, then drains.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut running = start(&args).await?;
 
@@ -114,12 +171,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             result.context("the xDS server task failed")?.context("the xDS server failed")?;
             bail!("the xDS server stopped unexpectedly");
         }
-        () = shutdown_signal() => {
-            info!(streams = running.relay.registry.len(), "shutting down");
-            running.shutdown(SHUTDOWN_GRACE).await;
+        () = shutdown_signal() => running.shutdown(args.drain_window).await,
+    }
+    info!("alpn-xds stopped");
+    Ok(())
+}
+
+/// Keeps the policy metrics in step with the policies in force.
+async fn observe_policies(mut policies: PolicyWatch, metrics: Arc<Metrics>) {
+    loop {
+        let snapshot = policies.borrow_and_update().clone();
+        metrics.policies_in_force(&snapshot);
+        if policies.changed().await.is_err() {
+            return;
         }
     }
-    Ok(())
 }
 
 async fn stopped(mut stop: watch::Receiver<bool>) {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -54,13 +55,40 @@ pub struct ServeArgs {
     #[arg(long, env = "ALPN_XDS_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
 
-    /// istiod's xDS address; `http://` for plaintext.
+    /// istiod's xDS address: `https://` for TLS (istiod's port 15012), `http://` for
+    /// plaintext (port 15010).
     #[arg(
         long,
         env = "ALPN_XDS_UPSTREAM",
-        default_value = "http://istiod.istio-system.svc:15010"
+        default_value = "https://istiod.istio-system.svc:15012"
     )]
     pub upstream: String,
+
+    /// CA bundle (PEM) that istiod's certificate must chain to, for an `https://` upstream:
+    /// the mesh root, e.g. the `istio-ca-root-cert` ConfigMap.
+    #[arg(long, env = "ALPN_XDS_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// The name istiod's certificate must carry.
+    #[arg(
+        long,
+        env = "ALPN_XDS_UPSTREAM_SERVER_NAME",
+        default_value = "istiod.istio-system.svc"
+    )]
+    pub upstream_server_name: String,
+
+    /// Serving certificate chain (PEM) for the sidecars' TLS; a renewed file is picked up
+    /// without dropping streams.
+    #[arg(long, env = "ALPN_XDS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of the serving certificate.
+    #[arg(long, env = "ALPN_XDS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve sidecars over plaintext gRPC instead of TLS.
+    #[arg(long, env = "ALPN_XDS_PLAINTEXT", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub plaintext: bool,
 
     /// Read PeerAuthentication YAML from this folder instead of the Kubernetes API.
     #[arg(long, env = "ALPN_XDS_POLICY_DIR")]
@@ -77,6 +105,25 @@ pub struct ServeArgs {
     /// Largest xDS message accepted or sent, in bytes, on either leg.
     #[arg(long, env = "ALPN_XDS_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
     pub max_message_size: usize,
+
+    /// Streams older than this (±10%) are ended so that sidecars spread over replicas after a
+    /// scale-up or a rollout; `0s` keeps them forever.
+    #[arg(
+        long,
+        env = "ALPN_XDS_MAX_CONNECTION_AGE",
+        default_value = "30m",
+        value_parser = humantime::parse_duration
+    )]
+    pub max_connection_age: Duration,
+
+    /// On SIGTERM, stream closes are spread over this window before the process exits.
+    #[arg(
+        long,
+        env = "ALPN_XDS_DRAIN_WINDOW",
+        default_value = "20s",
+        value_parser = humantime::parse_duration
+    )]
+    pub drain_window: Duration,
 }
 
 /// Flags of `alpn-xds explain`. The workload is given either by `--namespace` (with `--pod` and
@@ -167,6 +214,9 @@ mod tests {
             panic!("serve expected");
         };
         assert_eq!(args.listen.port(), 15012);
+        assert!(args.upstream.starts_with("https://"));
+        assert_eq!(args.max_connection_age, Duration::from_secs(1800));
+        assert!(!args.plaintext);
         assert_eq!(args.admin.port(), 15014);
         assert_eq!(args.root_namespace, "istio-system");
         assert_eq!(args.policy_dir, Some(PathBuf::from("/p")));

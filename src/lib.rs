@@ -14,11 +14,13 @@ pub mod app;
 pub mod config;
 pub mod dump;
 pub mod explain;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod rewrite;
 pub mod source;
 pub mod testkit;
+pub mod tls;
 
 /// Protobuf envelopes of the ADS messages, compiled from `proto/` by `build.rs`.
 pub mod wire {

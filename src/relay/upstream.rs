@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::RelayError;
 
@@ -42,14 +42,48 @@ pub struct Upstream {
     address: String,
 }
 
+/// How the relay checks istiod's certificate.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The CA bundle (PEM) istiod's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// The name istiod's certificate must carry.
+    pub server_name: String,
+}
+
 impl Upstream {
-    /// An upstream at `address` (`http://host:port`).
-    pub fn new(address: &str) -> Result<Self, RelayError> {
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|e| RelayError::UpstreamAddress {
-                address: address.to_string(),
-                reason: e.to_string(),
-            })?
+    /// An upstream at `address`: `http://host:port` for plaintext, `https://host:port` for TLS,
+    /// which needs `tls`.
+    pub fn new(address: &str, tls: Option<UpstreamTls>) -> Result<Self, RelayError> {
+        let invalid = |reason: String| RelayError::UpstreamAddress {
+            address: address.to_string(),
+            reason,
+        };
+        let mut endpoint =
+            Endpoint::from_shared(address.to_string()).map_err(|e| invalid(e.to_string()))?;
+        match (endpoint.uri().scheme_str(), tls) {
+            (Some("https"), Some(tls)) => {
+                let config = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(tls.ca_pem))
+                    .domain_name(tls.server_name);
+                endpoint = endpoint
+                    .tls_config(config)
+                    .map_err(|e| invalid(error_chain(&e)))?;
+            }
+            (Some("https"), None) => {
+                return Err(invalid(
+                    "an https:// upstream needs --upstream-ca, the CA istiod's certificate chains to"
+                        .to_string(),
+                ));
+            }
+            (Some("http"), _) => {}
+            (scheme, _) => {
+                return Err(invalid(format!(
+                    "the scheme must be http:// or https://, not {scheme:?}"
+                )));
+            }
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))

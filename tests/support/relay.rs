@@ -46,6 +46,7 @@ impl RelayProcess {
             .arg("--policy-dir")
             .arg(policy_dir)
             .args(["--admin", &admin.to_string()])
+            .arg("--plaintext")
             .env("ALPN_XDS_LOG", "info,alpn_xds=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
