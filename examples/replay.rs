@@ -88,7 +88,9 @@ async fn main() -> anyhow::Result<()> {
         "--policy-dir".as_ref(),
         policy_dir.path().as_os_str(),
     ])?;
-    let Command::Serve(args) = cli.command;
+    let Command::Serve(args) = cli.command else {
+        anyhow::bail!("the arguments above are those of serve");
+    };
     let relay = app::start(&args).await?;
 
     // The sidecar's side: one LDS request, as Envoy sends it.

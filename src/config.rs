@@ -35,6 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Relay sidecars' xDS streams to istiod, rewriting inbound listeners as policies say.
     Serve(ServeArgs),
+    /// Offline: say what the relay would do to one workload's listeners, and why.
+    Explain(ExplainArgs),
 }
 
 /// Log output formats.
@@ -129,6 +131,77 @@ pub struct ServeArgs {
     pub drain_window: Duration,
 }
 
+/// Flags of `alpn-xds explain`. The workload is given either by `--namespace` (with `--pod` and
+/// `--labels`) or by `--node-metadata`.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// PeerAuthentication YAML: a folder, read as `serve` reads it, or a single file.
+    #[arg(long, env = "ALPN_XDS_POLICY_DIR")]
+    pub policy_dir: PathBuf,
+
+    /// The listener dump: `istioctl proxy-config listener -o json`, an Envoy `/config_dump`, its
+    /// ListenersConfigDump, or one Listener; snake_case or camelCase.
+    #[arg(long)]
+    pub listeners: PathBuf,
+
+    /// The workload's namespace.
+    #[arg(
+        long,
+        required_unless_present = "node_metadata",
+        conflicts_with = "node_metadata"
+    )]
+    pub namespace: Option<String>,
+
+    /// The pod's name (shown only; matching uses the labels).
+    #[arg(long, requires = "namespace", conflicts_with = "node_metadata")]
+    pub pod: Option<String>,
+
+    /// The pod's labels, `key=value,...` (the flag may be repeated).
+    #[arg(
+        long,
+        requires = "namespace",
+        conflicts_with = "node_metadata",
+        value_delimiter = ',',
+        value_parser = parse_label,
+        value_name = "KEY=VALUE"
+    )]
+    pub labels: Vec<(String, String)>,
+
+    /// A JSON file with the proxy's node metadata (`NAMESPACE`, `NAME`, `LABELS`, ...), a whole
+    /// Envoy node (`{"id": ..., "metadata": {...}}`), or an Envoy `/config_dump` with its
+    /// bootstrap section.
+    #[arg(long)]
+    pub node_metadata: Option<PathBuf>,
+
+    /// Istio's root namespace: mesh-wide policies live there.
+    #[arg(long, env = "ALPN_XDS_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+
+    /// Output for people (`text`) or for programs (`json`).
+    #[arg(long, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+/// Output formats of `alpn-xds explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// A report for people.
+    Text,
+    /// One JSON document, described in the README.
+    Json,
+}
+
+/// One `key=value` of `--labels`.
+fn parse_label(item: &str) -> Result<(String, String), String> {
+    match item.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        }
+        Some(_) => Err(format!("label {item:?} has an empty key")),
+        None => Err(format!("label {item:?} is not key=value")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,7 +215,9 @@ mod tests {
     #[test]
     fn serve_defaults() {
         let cli = Cli::try_parse_from(["alpn-xds", "serve", "--policy-dir", "/p"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected");
+        };
         assert_eq!(args.listen.port(), 15012);
         assert!(args.upstream.starts_with("https://"));
         assert_eq!(args.max_connection_age, Duration::from_secs(1800));
@@ -150,5 +225,51 @@ mod tests {
         assert_eq!(args.admin.port(), 15014);
         assert_eq!(args.root_namespace, "istio-system");
         assert_eq!(args.policy_dir, Some(PathBuf::from("/p")));
+    }
+
+    #[test]
+    fn explain_takes_a_namespace_and_labels_or_node_metadata() {
+        let cli = Cli::try_parse_from([
+            "alpn-xds",
+            "explain",
+            "--policy-dir",
+            "/p",
+            "--listeners",
+            "/l.json",
+            "--namespace",
+            "shop",
+            "--labels",
+            "app=web,version=v1",
+            "--labels",
+            "empty=",
+        ])
+        .unwrap();
+        let Command::Explain(args) = cli.command else {
+            panic!("explain expected");
+        };
+        assert_eq!(
+            args.labels,
+            [("app", "web"), ("version", "v1"), ("empty", "")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(args.output, OutputFormat::Text);
+        assert_eq!(args.root_namespace, "istio-system");
+
+        let base = [
+            "alpn-xds",
+            "explain",
+            "--policy-dir",
+            "/p",
+            "--listeners",
+            "/l",
+        ];
+        let with = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        assert!(with(&["--node-metadata", "/n.json", "--output", "json"]).is_ok());
+        assert!(with(&[]).is_err(), "a workload is required");
+        assert!(with(&["--namespace", "a", "--node-metadata", "/n"]).is_err());
+        assert!(with(&["--labels", "app=web", "--node-metadata", "/n"]).is_err());
+        assert!(with(&["--pod", "web-1", "--node-metadata", "/n"]).is_err());
+        let bad = with(&["--namespace", "a", "--labels", "app"]).unwrap_err();
+        assert!(bad.to_string().contains("not key=value"), "{bad}");
     }
 }
