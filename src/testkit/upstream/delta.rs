@@ -282,17 +282,32 @@ impl DeltaStream {
     }
 }
 
-/// The resource's name: field 1 of the message in `any`, which is the `name` of a Listener,
-/// Cluster, RouteConfiguration or Secret and the `cluster_name` of a ClusterLoadAssignment.
-/// A resource without one is named by its position in the snapshot.
+/// Envoy's types whose field 1 is the resource's name: `name` of a Listener, Cluster,
+/// RouteConfiguration, ScopedRouteConfiguration, VirtualHost, Secret or Runtime, and
+/// `cluster_name` of a ClusterLoadAssignment.
+const NAMED_BY_FIELD_1: &[&str] = &[
+    "type.googleapis.com/envoy.config.listener.v3.Listener",
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+    "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration",
+    "type.googleapis.com/envoy.config.route.v3.VirtualHost",
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+    "type.googleapis.com/envoy.service.runtime.v3.Runtime",
+];
+
+/// The resource's name: for Envoy's named types the name in the message, otherwise (or when
+/// it is empty) the resource's position in the snapshot.
 fn resource_name(any: &Any, index: usize) -> String {
     #[derive(Clone, PartialEq, Message)]
     struct Named {
         #[prost(string, tag = "1")]
         name: String,
     }
-    Named::decode(any.value.as_slice())
-        .ok()
+    NAMED_BY_FIELD_1
+        .contains(&any.type_url.as_str())
+        .then(|| Named::decode(any.value.as_slice()).ok())
+        .flatten()
         .map(|named| named.name)
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| index.to_string())
@@ -601,10 +616,11 @@ mod tests {
             resource_name(&listener("virtualInbound"), 3),
             "virtualInbound"
         );
-        let unnamed = Any {
+        // An NDS name table holds a map in field 1, not a name.
+        let table = Any {
             type_url: NAME_TABLE_TYPE_URL.to_owned(),
-            value: vec![],
+            value: vec![0x0a, 0x03, 0x0a, 0x01, b'a'],
         };
-        assert_eq!(resource_name(&unnamed, 3), "3");
+        assert_eq!(resource_name(&table, 3), "3");
     }
 }
