@@ -24,9 +24,12 @@ use envoy_types::pb::google::protobuf::UInt32Value;
 use serde_json::Value;
 use support::envoy::AdsApi;
 use support::mesh::{CONFIG_TIMEOUT, InboundPorts, LDS_VERSION, Mesh};
-use support::scenarios::wait_lds_acked;
+use support::scenarios::lds_answered;
 use support::sidecar::{NAMESPACE_POLICY, Sidecar, assert_nothing_of_the_relay};
 use support::{free_ports, wait_until};
+
+/// The version under which istiod's stand-in pushes the same listeners again.
+const REPUSH_VERSION: &str = "2025-01-01T00:00:00Z/2";
 
 /// What Envoy says when two chains end up on one match.
 const OVERLAP: &str = "overlapping matching rules";
@@ -39,6 +42,16 @@ async fn rejected_rewrite_falls_back_to_istiods_listeners_sotw() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_rewrite_falls_back_to_istiods_listeners_delta() {
     rejected_rewrite_falls_back(AdsApi::Delta).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_rewrite_is_not_sent_again_sotw() {
+    rejected_rewrite_is_not_sent_again(AdsApi::Sotw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_rewrite_is_not_sent_again_delta() {
+    rejected_rewrite_is_not_sent_again(AdsApi::Delta).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,25 +68,16 @@ async fn istiod_hears_envoys_rejection_of_its_own_listeners_delta() {
 /// upstream gets Envoy's ACK of its own nonce and never the NACK, and `/debug/proxies` reports
 /// the proxy as rewrite-rejected with Envoy's error and its last LDS push as the relay's.
 async fn rejected_rewrite_falls_back(api: AdsApi) {
-    let [scoped_port] = free_ports::<1>();
-    let mesh = Mesh::start_with(|listener, ports| {
-        add_scoped_chains(
-            listener,
-            ports,
-            scoped_port,
-            ScopedPair::OverlapOnceRewritten,
-        )
-    })
-    .await;
-    let sidecar = Sidecar::launch(mesh, api, &[("shop.yaml", NAMESPACE_POLICY)]).await;
+    let (sidecar, scoped_port) = start(api, ScopedPair::OverlapOnceRewritten).await;
 
     // The relay's last LDS push is its own (the fallback), and Envoy acknowledged it.
     let proxy = wait_until(
         "the relay's fallback to be acknowledged",
         CONFIG_TIMEOUT,
         || async {
-            let proxy = wait_lds_acked(&sidecar).await;
-            (proxy["last_push"][LISTENER_TYPE_URL]["origin"] == "relay").then_some(proxy)
+            let proxy = sidecar.try_debug_proxy().await?;
+            let relays = proxy["last_push"][LISTENER_TYPE_URL]["origin"] == "relay";
+            (relays && lds_answered(&proxy)).then_some(proxy)
         },
     )
     .await;
@@ -138,15 +142,50 @@ async fn rejected_rewrite_falls_back(api: AdsApi) {
     assert_rewrite_rejected(&sidecar.debug_proxy().await);
 }
 
+/// After the fallback, istiod pushes the same listener again under a new version: the relay
+/// remembers that Envoy rejected its rewrite and sends it as istiod did, so Envoy has nothing to
+/// reject and istiod gets Envoy's ACK of the new version.
+async fn rejected_rewrite_is_not_sent_again(api: AdsApi) {
+    let (sidecar, _) = start(api, ScopedPair::OverlapOnceRewritten).await;
+    let upstream = &sidecar.mesh.upstream;
+    upstream
+        .wait_for("Envoy's ACK of istiod's listeners", CONFIG_TIMEOUT, |r| {
+            lds_answer(r, RequestKind::Ack).is_some()
+        })
+        .await
+        .expect("the relay acknowledges istiod's response once Envoy took the fallback");
+
+    let listeners = upstream.snapshot().types[LISTENER_TYPE_URL]
+        .resources
+        .clone();
+    upstream.push(LISTENER_TYPE_URL, REPUSH_VERSION, listeners);
+    upstream
+        .wait_for("Envoy's ACK of istiod's new version", CONFIG_TIMEOUT, |r| {
+            r.acked(LISTENER_TYPE_URL, REPUSH_VERSION)
+        })
+        .await
+        .expect("the unchanged listener is taken");
+    assert_eq!(upstream.recording().nacks().count(), 0);
+    assert_nothing_of_the_relay(&upstream.recording());
+    sidecar
+        .envoy
+        .wait_listener_active(VIRTUAL_INBOUND, CONFIG_TIMEOUT)
+        .await;
+    assert_eq!(sidecar.declared_mtls_alpns().await, ALL_ISTIO_MTLS_ALPNS);
+    assert_eq!(
+        sidecar
+            .envoy
+            .stat("listener_manager.lds.update_rejected")
+            .await,
+        Some(1),
+        "the rewrite Envoy rejected was sent again"
+    );
+}
+
 /// Envoy NACKs the rewritten listener and, after the fallback, istiod's own listener too: the
 /// upstream then sees Envoy's rejection, of its own nonce.
 async fn istiod_hears_rejection_of_its_own_listeners(api: AdsApi) {
-    let [scoped_port] = free_ports::<1>();
-    let mesh = Mesh::start_with(|listener, ports| {
-        add_scoped_chains(listener, ports, scoped_port, ScopedPair::OverlapAlways)
-    })
-    .await;
-    let sidecar = Sidecar::launch(mesh, api, &[("shop.yaml", NAMESPACE_POLICY)]).await;
+    let (sidecar, _) = start(api, ScopedPair::OverlapAlways).await;
 
     let upstream = &sidecar.mesh.upstream;
     upstream
@@ -204,6 +243,17 @@ fn assert_rewrite_rejected(proxy: &Value) {
         rejection.contains(OVERLAP),
         "/debug/proxies should show rewrite_rejected with Envoy's error: {proxy}"
     );
+}
+
+/// Starts a sidecar in `api` whose listener has the `pair` of extra chains on a port of their
+/// own; returns it and that port.
+async fn start(api: AdsApi, pair: ScopedPair) -> (Sidecar, u16) {
+    let [scoped_port] = free_ports::<1>();
+    let mesh =
+        Mesh::start_with(|listener, ports| add_scoped_chains(listener, ports, scoped_port, pair))
+            .await;
+    let sidecar = Sidecar::launch(mesh, api, &[("shop.yaml", NAMESPACE_POLICY)]).await;
+    (sidecar, scoped_port)
 }
 
 /// Envoy's answer of `kind` to the upstream's first LDS response.

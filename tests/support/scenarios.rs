@@ -104,16 +104,18 @@ pub async fn standard_alpns_reach_the_backend(api: AdsApi) {
     assert_eq!(recording.streams[0].form, upstream_form(api));
 
     // The relay shows the proxy, its form, istiod's LDS push and Envoy's ACK of it.
-    let proxy = wait_lds_acked(&sidecar).await;
+    let proxy = wait_lds_answered(&sidecar).await;
     assert_eq!(proxy["xds"], sidecar.debug_form(), "{proxy}");
     let push = &proxy["last_push"][LISTENER_TYPE_URL];
     assert_eq!(push["origin"], "istiod", "{proxy}");
     assert_eq!(push["version"], LDS_VERSION, "{proxy}");
+    let answer = &proxy["acks"][LISTENER_TYPE_URL];
+    assert_eq!(answer["nack"], Value::Null, "{proxy}");
     assert_eq!(proxy["rewrite_rejected"], Value::Null, "{proxy}");
     assert!(
-        !proxy["rewritten_chains"]
+        proxy["rewritten_chains"]
             .as_array()
-            .is_none_or(|chains| chains.is_empty()),
+            .is_some_and(|chains| !chains.is_empty()),
         "/debug/proxies names the rewritten chains: {proxy}"
     );
 }
@@ -278,25 +280,27 @@ fn first_lds_request<'a>(
     requests.find(|r| r.stream == stream)
 }
 
-/// Waits until `/debug/proxies` shows Envoy's ACK of the last LDS push, and returns the proxy.
-pub async fn wait_lds_acked(sidecar: &Sidecar) -> Value {
+/// Waits until `/debug/proxies` shows Envoy's answer (ACK or NACK) to the last LDS push, and
+/// returns the proxy.
+pub async fn wait_lds_answered(sidecar: &Sidecar) -> Value {
     wait_until(
-        "Envoy's ACK of the last LDS push",
+        "Envoy's answer to the last LDS push",
         CONFIG_TIMEOUT,
-        || async {
-            let proxy = sidecar.debug_proxy().await;
-            let pushed = &proxy["last_push"][LISTENER_TYPE_URL]["nonce"];
-            let answer = &proxy["acks"][LISTENER_TYPE_URL];
-            (answer["nonce"] == *pushed && !pushed.is_null()).then_some(proxy)
-        },
+        || async { sidecar.try_debug_proxy().await.filter(lds_answered) },
     )
     .await
+}
+
+/// Whether a `/debug/proxies` entry shows Envoy's answer to the last LDS push.
+pub fn lds_answered(proxy: &Value) -> bool {
+    let pushed = &proxy["last_push"][LISTENER_TYPE_URL]["nonce"];
+    !pushed.is_null() && proxy["acks"][LISTENER_TYPE_URL]["nonce"] == *pushed
 }
 
 /// Asserts that the last LDS push was the relay's own and that Envoy acknowledged it; returns
 /// its nonce.
 pub async fn assert_relay_push_acked(sidecar: &Sidecar) -> String {
-    let proxy = wait_lds_acked(sidecar).await;
+    let proxy = wait_lds_answered(sidecar).await;
     assert_eq!(proxy["xds"], sidecar.debug_form(), "{proxy}");
     let push = &proxy["last_push"][LISTENER_TYPE_URL];
     assert_eq!(push["origin"], "relay", "{proxy}");
