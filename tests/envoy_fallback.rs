@@ -13,6 +13,12 @@
 //! Istio's ALPNs), and rejects it once the relay has appended `h2` to the mTLS chain
 //! ("multiple filter chains with overlapping matching rules"), which the relay's check did not
 //! see coming. The chains match only link-local IPv6, so the declared port serves as usual.
+//!
+//! That blind spot is a gap in the relay's check (DESIGN: the relay never sends a listener Envoy
+//! would reject because of the rewrite). The only rejection a rewrite can cause is such an
+//! overlap, so every real provocation of the fallback rests on some gap of this kind: once the
+//! check keys scoped prefixes as Envoy does, these tests need another one, and say so when
+//! Envoy no longer rejects anything.
 
 mod support;
 
@@ -27,6 +33,9 @@ use support::mesh::{CONFIG_TIMEOUT, InboundPorts, LDS_VERSION, Mesh};
 use support::scenarios::lds_answered;
 use support::sidecar::{NAMESPACE_POLICY, Sidecar, assert_nothing_of_the_relay};
 use support::{free_ports, wait_until};
+
+/// Envoy's count of rejected LDS responses.
+const REJECTED_STAT: &str = "listener_manager.lds.update_rejected";
 
 /// The version under which istiod's stand-in pushes the same listeners again.
 const REPUSH_VERSION: &str = "2025-01-01T00:00:00Z/2";
@@ -94,10 +103,7 @@ async fn rejected_rewrite_falls_back(api: AdsApi) {
         .wait_listener_active(VIRTUAL_INBOUND, CONFIG_TIMEOUT)
         .await;
     assert_eq!(
-        sidecar
-            .envoy
-            .stat("listener_manager.lds.update_rejected")
-            .await,
+        sidecar.envoy.stat(REJECTED_STAT).await,
         Some(1),
         "Envoy rejected the rewritten listener, and only that"
     );
@@ -173,10 +179,7 @@ async fn rejected_rewrite_is_not_sent_again(api: AdsApi) {
         .await;
     assert_eq!(sidecar.declared_mtls_alpns().await, ALL_ISTIO_MTLS_ALPNS);
     assert_eq!(
-        sidecar
-            .envoy
-            .stat("listener_manager.lds.update_rejected")
-            .await,
+        sidecar.envoy.stat(REJECTED_STAT).await,
         Some(1),
         "the rewrite Envoy rejected was sent again"
     );
@@ -211,13 +214,7 @@ async fn istiod_hears_rejection_of_its_own_listeners(api: AdsApi) {
     assert_nothing_of_the_relay(&recording);
 
     // Envoy rejected both the rewrite and istiod's listener, and runs neither.
-    assert_eq!(
-        sidecar
-            .envoy
-            .stat("listener_manager.lds.update_rejected")
-            .await,
-        Some(2)
-    );
+    assert_eq!(sidecar.envoy.stat(REJECTED_STAT).await, Some(2));
     let state = sidecar.envoy.listener_state(VIRTUAL_INBOUND).await;
     assert!(
         state.as_ref().is_none_or(|s| s.active.is_none()),
@@ -253,6 +250,16 @@ async fn start(api: AdsApi, pair: ScopedPair) -> (Sidecar, u16) {
         Mesh::start_with(|listener, ports| add_scoped_chains(listener, ports, scoped_port, pair))
             .await;
     let sidecar = Sidecar::launch(mesh, api, &[("shop.yaml", NAMESPACE_POLICY)]).await;
+    wait_until(
+        "Envoy to reject the rewritten listener (if it never does, the relay's check now sees \
+         through the scoped prefix: this test needs another provocation, see its module docs)",
+        CONFIG_TIMEOUT,
+        || async {
+            let rejected = sidecar.envoy.stat(REJECTED_STAT).await;
+            rejected.filter(|&count| count > 0)
+        },
+    )
+    .await;
     (sidecar, scoped_port)
 }
 
