@@ -3,7 +3,7 @@
 //! with their form.
 
 use alpn_xds::testkit::istio::ALL_ISTIO_MTLS_ALPNS;
-use alpn_xds::testkit::upstream::{AdsForm, LISTENER_TYPE_URL, RecordedRequest};
+use alpn_xds::testkit::upstream::{AdsForm, LISTENER_TYPE_URL};
 use serde_json::Value;
 
 use super::envoy::AdsApi;
@@ -244,13 +244,15 @@ pub async fn reconnect_reports_istiod_versions_upstream(api: AdsApi) {
     let upstream = &sidecar.mesh.upstream;
     upstream
         .wait_for("Envoy's LDS request on a new stream", CONFIG_TIMEOUT, |r| {
-            r.streams.len() == 2 && first_lds_request(r.requests_of(LISTENER_TYPE_URL), 2).is_some()
+            r.streams.len() == 2 && r.requests_of(LISTENER_TYPE_URL).any(|q| q.stream == 2)
         })
         .await
         .expect("Envoy reconnects");
     let recording = upstream.recording();
-    let reconnect =
-        first_lds_request(recording.requests_of(LISTENER_TYPE_URL), 2).expect("checked above");
+    let reconnect = recording
+        .requests_of(LISTENER_TYPE_URL)
+        .find(|q| q.stream == 2)
+        .expect("checked above");
     match api {
         AdsApi::Sotw => assert_eq!(reconnect.request.version_info, LDS_VERSION),
         AdsApi::Delta => {
@@ -270,14 +272,6 @@ pub async fn reconnect_reports_istiod_versions_upstream(api: AdsApi) {
     sidecar.assert_listener_accepted().await;
     assert_nothing_of_the_relay(&upstream.recording());
     sidecar.assert_upstream_saw_only_the_sidecar().await;
-}
-
-/// The first LDS request recorded on upstream stream `stream`.
-fn first_lds_request<'a>(
-    mut requests: impl Iterator<Item = &'a RecordedRequest>,
-    stream: u64,
-) -> Option<&'a RecordedRequest> {
-    requests.find(|r| r.stream == stream)
 }
 
 /// Waits until `/debug/proxies` shows Envoy's answer (ACK or NACK) to the last LDS push, and
