@@ -1,18 +1,22 @@
 //! A test ADS server that plays istiod for tests, examples and benchmarks.
 //!
-//! [`TestUpstream`] serves state-of-the-world `StreamAggregatedResources` on `127.0.0.1:0`. It
-//! holds one snapshot (version and resources) per type URL and answers requests the way istiod
-//! does: a first request (empty nonce, or a type this stream was never sent) gets the type's
-//! current snapshot; an ACK of the latest nonce gets nothing unless the requested names changed;
-//! a NACK (`error_detail`) is recorded and answered with nothing; a request carrying any other
-//! nonce is stale and ignored. Every response carries a nonce of this server's own making.
+//! [`TestUpstream`] serves both ADS methods on `127.0.0.1:0`. It holds one snapshot (version
+//! and resources) per type URL and answers requests the way istiod does. State of the world: a
+//! first request (empty nonce, or a type this stream was never sent) gets the type's current
+//! snapshot; an ACK of the latest nonce gets nothing unless the requested names changed.
+//! Delta: the first request of a type (wildcard or not, `initial_resource_versions` ignored as
+//! istiod does for LDS and CDS) gets every resource of the snapshot in its subscription, each as
+//! a `Resource` named after the message's name and versioned with the snapshot's version; an
+//! ACK gets nothing unless the subscription changed; [`TestUpstream::push`] sends the full set
+//! with `removed_resources` for names that are gone. In both forms a NACK (`error_detail`) is
+//! recorded and answered with nothing, a request carrying any other nonce is stale and ignored,
+//! and every response carries a nonce of this server's own making.
 //!
 //! Everything that crosses the wire is recorded for assertions: every request with the gRPC
 //! metadata of its stream and its bytes exactly as received (a small codec keeps them before
 //! decoding), every response sent, every stream opened. Types without a snapshot (Istio's NDS,
-//! health information, debug types) are accepted and recorded, and answered with nothing.
-//!
-//! `DeltaAggregatedResources` answers `UNIMPLEMENTED`: incremental xDS is not served yet.
+//! debug types) are accepted and recorded, and answered with nothing; Istio's health reports
+//! are recorded as such, never as NACKs, and never answered.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,16 +32,24 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument;
 
+mod delta;
 mod recording;
 mod service;
 mod sotw;
 
-pub use recording::{RecordedRequest, RecordedResponse, RecordedStream, Recording, RequestKind};
+pub use recording::{
+    AdsForm, RecordedRequest, RecordedResponse, RecordedStream, Recording, RequestKind,
+};
 
 /// Type URL of `envoy.config.listener.v3.Listener` (LDS).
 pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// Type URL of `envoy.config.cluster.v3.Cluster` (CDS).
 pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+/// Type URL of Istio's NDS name tables, which pilot-agent asks for on the sidecar's stream.
+pub const NAME_TABLE_TYPE_URL: &str = "type.googleapis.com/istio.networking.nds.v1.NameTable";
+/// Type URL of Istio's health reports, which pilot-agent sends on the sidecar's stream.
+pub const HEALTH_INFO_TYPE_URL: &str = "type.googleapis.com/istio.v1.HealthInformation";
 
 /// Largest gRPC message accepted or sent, in bytes: big meshes send LDS responses of many MiB.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
@@ -47,6 +59,8 @@ pub const NONCE_PREFIX: &str = "upstream-";
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// Responses queued per stream before the stream's task waits for the client to read.
 const RESPONSE_QUEUE: usize = 16;
@@ -174,8 +188,9 @@ impl TestUpstream {
     }
 
     /// Replaces the snapshot of `type_url` and sends it to every open stream that has asked for
-    /// that type and was last sent another version. Streams that have not asked for it get it
-    /// with their first request.
+    /// that type and was last sent another version: the whole set, and on Delta streams the
+    /// removal of names no longer in it. Streams that have not asked for it get it with their
+    /// first request.
     pub fn push(&self, type_url: &str, version: &str, resources: Vec<Any>) {
         let entry = TypeSnapshot {
             version: version.to_owned(),
@@ -290,6 +305,47 @@ impl Shared {
         self.events.send_modify(|count| *count += 1);
     }
 
+    /// Notes a stream opened with `metadata`; returns its id.
+    fn open_stream(&self, form: AdsForm, metadata: &tonic::metadata::MetadataMap) -> u64 {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let opened = RecordedStream {
+            id,
+            form,
+            metadata: metadata.clone(),
+            node: None,
+            open: true,
+            error: None,
+        };
+        self.record(|recording| recording.streams.push(opened));
+        id
+    }
+
+    /// Notes that stream `id` ended, with the client's error if it ended with one.
+    fn close_stream(&self, id: u64, error: Option<String>) {
+        self.record(|recording| {
+            if let Some(stream) = recording.streams.iter_mut().find(|s| s.id == id) {
+                stream.open = false;
+                stream.error = error;
+            }
+        });
+    }
+
+    /// Notes a request, and the node of its stream if this is the first to carry one.
+    fn record_request(&self, request: RecordedRequest) {
+        self.record(|recording| {
+            let id = request.stream;
+            if let Some(stream) = recording.streams.iter_mut().find(|s| s.id == id) {
+                stream.node = stream.node.take().or_else(|| request.request.node.clone());
+            }
+            recording.requests.push(request);
+        });
+    }
+
+    /// Notes a response.
+    fn record_response(&self, response: RecordedResponse) {
+        self.record(|recording| recording.responses.push(response));
+    }
+
     fn nonce(&self) -> String {
         format!(
             "{NONCE_PREFIX}{}",
@@ -303,9 +359,7 @@ mod tests {
     use super::*;
     use bytes::{Buf, Bytes};
     use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-    use envoy_types::pb::envoy::service::discovery::v3::{
-        DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
-    };
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
     use envoy_types::pb::google::rpc::Status as RpcStatus;
     use prost::Message;
     use tokio::sync::mpsc;
@@ -490,18 +544,31 @@ mod tests {
     async fn unknown_types_are_recorded_byte_for_byte_and_not_answered() {
         let upstream = TestUpstream::start(lds_snapshot()).await.expect("start");
         let mut client = Client::open(&upstream).await;
-        let health = "type.googleapis.com/istio.v1.HealthInformation";
-        let mut probe = request(health, "", "");
+        let names = request(NAME_TABLE_TYPE_URL, "", "");
+        let mut probe = request(HEALTH_INFO_TYPE_URL, "", "");
         probe.resource_names = vec!["a".into()];
+        probe.error_detail = Some(RpcStatus {
+            code: 13,
+            message: "readiness probe failed".into(),
+            details: vec![],
+        });
+        client.send(names.clone()).await;
         client.send(probe.clone()).await;
         client.silent().await;
 
         let recording = upstream.recording();
+        let raw: Vec<_> = recording.requests.iter().map(|r| r.raw.clone()).collect();
         assert_eq!(
-            recording.requests[0].raw,
-            Bytes::from(probe.encode_to_vec())
+            raw,
+            [
+                Bytes::from(names.encode_to_vec()),
+                Bytes::from(probe.encode_to_vec())
+            ]
         );
-        assert!(!recording.requests[0].answered);
+        let kinds: Vec<_> = recording.requests.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RequestKind::Initial, RequestKind::HealthReport]);
+        assert_eq!(recording.nacks().count(), 0, "a health report is no NACK");
+        assert!(recording.requests.iter().all(|r| !r.answered));
         assert!(recording.responses.is_empty());
     }
 
@@ -599,21 +666,5 @@ mod tests {
             })
             .await
             .expect("closed");
-    }
-
-    #[tokio::test]
-    async fn delta_is_refused_cleanly() {
-        let upstream = TestUpstream::start(Snapshot::new()).await.expect("start");
-        let mut client = AggregatedDiscoveryServiceClient::connect(upstream.url())
-            .await
-            .expect("connect");
-        let (_tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
-        let refused = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await;
-        assert_eq!(
-            refused.expect_err("refused").code(),
-            tonic::Code::Unimplemented
-        );
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use alpn_xds::testkit::istio::{InboundPort, Layout, LoadableSpec, Mode, PortProtocol};
 use alpn_xds::testkit::istio::{PASSTHROUGH_HTTP_CHAIN, loadable_inbound};
 use alpn_xds::testkit::upstream::{CLUSTER_TYPE_URL, LISTENER_TYPE_URL, Snapshot, TestUpstream};
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::util::pack_any;
 
 use super::backend::Backend;
@@ -67,6 +68,11 @@ pub struct Mesh {
 impl Mesh {
     /// Starts the backend and an upstream serving the listener and its cluster.
     pub async fn start() -> Self {
+        Self::start_with(|_, _| {}).await
+    }
+
+    /// Like [`Mesh::start`], with `edit` applied to the listener before the upstream serves it.
+    pub async fn start_with(edit: impl FnOnce(&mut Listener, &InboundPorts)) -> Self {
         let pki = TestPki::new();
         let backend = Backend::start(BACKEND_NAME).await;
         let [http, passthrough, blackhole] = free_ports::<3>();
@@ -81,7 +87,7 @@ impl Mesh {
             protocol: PortProtocol::Http,
             mode: Mode::Permissive,
         }];
-        let inbound = loadable_inbound(&LoadableSpec {
+        let mut inbound = loadable_inbound(&LoadableSpec {
             layout: Layout::Current,
             workload_mode: Mode::Permissive,
             ip: Ipv4Addr::LOCALHOST,
@@ -94,6 +100,7 @@ impl Mesh {
             cluster: BACKEND_CLUSTER,
             backend_port: backend.addr().port(),
         });
+        edit(&mut inbound.listener, &ports);
         let snapshot = Snapshot::new()
             .with(
                 CLUSTER_TYPE_URL,

@@ -13,6 +13,8 @@ pub mod envoy;
 pub mod http;
 pub mod mesh;
 pub mod relay;
+pub mod scenarios;
+pub mod sidecar;
 pub mod tls_client;
 
 use std::future::Future;

@@ -4,8 +4,19 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use tonic::metadata::MetadataMap;
+
+/// Which ADS method a stream was opened with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdsForm {
+    /// State of the world, `StreamAggregatedResources`.
+    Sotw,
+    /// Incremental, `DeltaAggregatedResources`.
+    Delta,
+}
 
 /// How the upstream classified a request, following istiod's rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,12 +26,17 @@ pub enum RequestKind {
     Initial,
     /// The nonce of the latest response for this type, same resource names: not answered.
     Ack,
-    /// The latest nonce with changed resource names: answered with the current snapshot.
+    /// The latest nonce with changed resource names, or in Delta a subscription change without
+    /// a nonce: answered with the current snapshot.
     AckNamesChanged,
     /// `error_detail` set: recorded, not answered.
     Nack,
     /// A nonce other than the latest one sent on this stream for this type: ignored.
     Stale,
+    /// Istio's health report (`istio.v1.HealthInformation`), which pilot-agent sends with
+    /// `error_detail` when the application is unhealthy: as in istiod, never a NACK and never
+    /// answered.
+    HealthReport,
 }
 
 /// One stream that a client opened.
@@ -28,6 +44,8 @@ pub enum RequestKind {
 pub struct RecordedStream {
     /// Stream number, from 1 in opening order.
     pub id: u64,
+    /// The ADS method of the stream.
+    pub form: AdsForm,
     /// The gRPC metadata (HTTP/2 headers) the client opened the stream with.
     pub metadata: MetadataMap,
     /// The node of the first request that carried one.
@@ -43,16 +61,37 @@ pub struct RecordedStream {
 pub struct RecordedRequest {
     /// The stream it came on ([`RecordedStream::id`]).
     pub stream: u64,
+    /// The ADS method of that stream.
+    pub form: AdsForm,
     /// The gRPC metadata of that stream.
     pub metadata: MetadataMap,
     /// The message bytes exactly as they arrived, unknown fields included.
     pub raw: Bytes,
-    /// The decoded request.
+    /// The decoded request. For a Delta request, only the fields both forms share: type URL,
+    /// `response_nonce`, `error_detail` and node; the request itself is in [`Self::delta`].
     pub request: DiscoveryRequest,
+    /// The decoded Delta request, on Delta streams.
+    pub delta: Option<DeltaDiscoveryRequest>,
     /// How it was classified.
     pub kind: RequestKind,
     /// Whether a response was sent for it.
     pub answered: bool,
+}
+
+impl RecordedRequest {
+    /// The versions the request reports holding: SotW `version_info` (when not empty), or the
+    /// values of Delta `initial_resource_versions`.
+    pub fn versions(&self) -> Vec<&str> {
+        match &self.delta {
+            Some(delta) => delta
+                .initial_resource_versions
+                .values()
+                .map(String::as_str)
+                .collect(),
+            None if self.request.version_info.is_empty() => Vec::new(),
+            None => vec![self.request.version_info.as_str()],
+        }
+    }
 }
 
 /// One response sent on a stream.
@@ -60,8 +99,12 @@ pub struct RecordedRequest {
 pub struct RecordedResponse {
     /// The stream it went to ([`RecordedStream::id`]).
     pub stream: u64,
-    /// The response as sent.
+    /// The response as sent. For a Delta response, the fields both forms share: type URL,
+    /// nonce, `system_version_info` as `version_info`, and each resource's payload; the
+    /// response itself is in [`Self::delta`].
     pub response: DiscoveryResponse,
+    /// The Delta response as sent, on Delta streams.
+    pub delta: Option<DeltaDiscoveryResponse>,
 }
 
 /// Everything the upstream saw and sent, in order.
@@ -86,10 +129,18 @@ impl Recording {
             .filter(move |r| r.request.type_url == type_url)
     }
 
-    /// Whether some stream acknowledged `version` of `type_url`.
+    /// Whether some stream acknowledged `version` of `type_url`. A Delta ACK carries no
+    /// version: it counts when it answers a response of that version.
     pub fn acked(&self, type_url: &str, version: &str) -> bool {
-        self.requests_of(type_url)
-            .any(|r| r.kind == RequestKind::Ack && r.request.version_info == version)
+        self.requests_of(type_url).any(|r| {
+            r.kind == RequestKind::Ack
+                && match r.form {
+                    AdsForm::Sotw => r.request.version_info == version,
+                    AdsForm::Delta => self
+                        .response_with_nonce(&r.request.response_nonce)
+                        .is_some_and(|sent| sent.response.version_info == version),
+                }
+        })
     }
 
     /// Requests that carry `error_detail`.
@@ -117,5 +168,20 @@ impl Recording {
     /// Responses sent on one stream.
     pub fn responses_on(&self, stream: u64) -> impl Iterator<Item = &RecordedResponse> {
         self.responses.iter().filter(move |r| r.stream == stream)
+    }
+
+    /// The response that carried `nonce`, on any stream.
+    pub fn response_with_nonce(&self, nonce: &str) -> Option<&RecordedResponse> {
+        self.responses.iter().find(|r| r.response.nonce == nonce)
+    }
+
+    /// Responses of one type URL, in sending order.
+    pub fn responses_of<'a>(
+        &'a self,
+        type_url: &'a str,
+    ) -> impl Iterator<Item = &'a RecordedResponse> + 'a {
+        self.responses
+            .iter()
+            .filter(move |r| r.response.type_url == type_url)
     }
 }

@@ -1,7 +1,9 @@
-//! The gRPC service: a recording codec in front of the generated ADS server.
+//! The gRPC service: a recording codec in front of the ADS handler, for both ADS methods.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -9,7 +11,6 @@ use bytes::{Buf, Bytes};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -18,7 +19,7 @@ use tonic::server::{Grpc, NamedService};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::sotw::AdsHandler;
-use super::{MAX_MESSAGE_SIZE, SOTW_PATH};
+use super::{DELTA_PATH, MAX_MESSAGE_SIZE, SOTW_PATH};
 
 /// Request bytes of one stream, in arrival order, between the codec and the stream's task.
 #[derive(Clone, Debug, Default)]
@@ -40,60 +41,77 @@ impl RawRequests {
     }
 }
 
-/// A protobuf codec that also keeps every request's bytes as they came off the wire.
-struct RecordingCodec {
+/// A protobuf codec that also keeps every request's bytes as they came off the wire: `Req` is
+/// received, `Resp` sent.
+struct RecordingCodec<Req, Resp> {
     raw: RawRequests,
+    types: PhantomData<fn() -> (Req, Resp)>,
 }
 
-impl Codec for RecordingCodec {
-    type Encode = DiscoveryResponse;
-    type Decode = DiscoveryRequest;
-    type Encoder = ResponseEncoder;
-    type Decoder = RecordingDecoder;
+impl<Req, Resp> RecordingCodec<Req, Resp> {
+    fn new(raw: RawRequests) -> Self {
+        Self {
+            raw,
+            types: PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> Codec for RecordingCodec<Req, Resp>
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Send + 'static,
+{
+    type Encode = Resp;
+    type Decode = Req;
+    type Encoder = ResponseEncoder<Resp>;
+    type Decoder = RecordingDecoder<Req>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ResponseEncoder
+        ResponseEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         RecordingDecoder {
             raw: self.raw.clone(),
+            types: PhantomData,
         }
     }
 }
 
-struct ResponseEncoder;
+struct ResponseEncoder<Resp>(PhantomData<fn() -> Resp>);
 
-impl Encoder for ResponseEncoder {
-    type Item = DiscoveryResponse;
+impl<Resp: Message> Encoder for ResponseEncoder<Resp> {
+    type Item = Resp;
     type Error = Status;
 
     fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
         item.encode(dst)
-            .map_err(|error| Status::internal(format!("encoding DiscoveryResponse: {error}")))
+            .map_err(|error| Status::internal(format!("encoding an ADS response: {error}")))
     }
 }
 
-struct RecordingDecoder {
+struct RecordingDecoder<Req> {
     raw: RawRequests,
+    types: PhantomData<fn() -> Req>,
 }
 
-impl Decoder for RecordingDecoder {
-    type Item = DiscoveryRequest;
+impl<Req: Message + Default> Decoder for RecordingDecoder<Req> {
+    type Item = Req;
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
         let bytes = src.copy_to_bytes(src.remaining());
-        let request = DiscoveryRequest::decode(bytes.clone()).map_err(|error| {
-            Status::invalid_argument(format!("decoding DiscoveryRequest: {error}"))
+        let request = Req::decode(bytes.clone()).map_err(|error| {
+            Status::invalid_argument(format!("decoding an ADS request: {error}"))
         })?;
         self.raw.push(bytes);
         Ok(Some(request))
     }
 }
 
-/// Routes `StreamAggregatedResources` through the recording codec and everything else to the
-/// generated server.
+/// Routes both ADS methods through the recording codec and anything else to the generated
+/// server (which answers `UNIMPLEMENTED`).
 #[derive(Clone)]
 pub(super) struct AdsService {
     pub(super) handler: Arc<AdsHandler>,
@@ -113,31 +131,61 @@ impl Service<http::Request<tonic::body::Body>> for AdsService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path() != SOTW_PATH {
-            return self.generated.call(request);
-        }
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let handler = Arc::clone(&self.handler);
-        Box::pin(async move {
-            let raw = RawRequests::default();
-            request.extensions_mut().insert(raw.clone());
-            let mut grpc = Grpc::new(RecordingCodec { raw })
-                .apply_max_message_size_config(Some(MAX_MESSAGE_SIZE), Some(MAX_MESSAGE_SIZE));
-            Ok(grpc.streaming(SotwCall(handler), request).await)
-        })
+        match request.uri().path() {
+            SOTW_PATH => Box::pin(recorded_call(request, move |call| async move {
+                handler.stream_aggregated_resources(call).await
+            })),
+            DELTA_PATH => Box::pin(recorded_call(request, move |call| async move {
+                handler.delta_aggregated_resources(call).await
+            })),
+            _ => self.generated.call(request),
+        }
     }
 }
 
-/// Adapts the handler's trait method to tonic's streaming service shape.
-struct SotwCall(Arc<AdsHandler>);
+/// Serves one streaming call with the recording codec, handing the raw request bytes to the
+/// handler through the request's extensions.
+async fn recorded_call<Req, Resp, F, Fut>(
+    mut request: http::Request<tonic::body::Body>,
+    handler: F,
+) -> Result<http::Response<tonic::body::Body>, Infallible>
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Send + 'static,
+    F: FnOnce(Request<Streaming<Req>>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Response<ReceiverStream<Result<Resp, Status>>>, Status>>
+        + Send
+        + 'static,
+{
+    let raw = RawRequests::default();
+    request.extensions_mut().insert(raw.clone());
+    let mut grpc = Grpc::new(RecordingCodec::<Req, Resp>::new(raw))
+        .apply_max_message_size_config(Some(MAX_MESSAGE_SIZE), Some(MAX_MESSAGE_SIZE));
+    Ok(grpc.streaming(Call(Some(handler)), request).await)
+}
 
-impl tonic::server::StreamingService<DiscoveryRequest> for SotwCall {
-    type Response = DiscoveryResponse;
-    type ResponseStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+/// Adapts a handler method to tonic's streaming service shape; tonic calls it once per request.
+struct Call<F>(Option<F>);
+
+impl<Req, Resp, F, Fut> tonic::server::StreamingService<Req> for Call<F>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    F: FnOnce(Request<Streaming<Req>>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Response<ReceiverStream<Result<Resp, Status>>>, Status>>
+        + Send
+        + 'static,
+{
+    type Response = Resp;
+    type ResponseStream = ReceiverStream<Result<Resp, Status>>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let handler = Arc::clone(&self.0);
-        Box::pin(async move { handler.stream_aggregated_resources(request).await })
+    fn call(&mut self, request: Request<Streaming<Req>>) -> Self::Future {
+        match self.0.take() {
+            Some(handler) => Box::pin(handler(request)),
+            None => Box::pin(async { Err(Status::internal("the call was already served")) }),
+        }
     }
 }

@@ -1,8 +1,8 @@
-//! State-of-the-world ADS streams, answered by istiod's rules.
+//! State-of-the-world ADS streams, answered by istiod's rules, and the handler behind both ADS
+//! methods.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -16,10 +16,11 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::delta::DeltaStream;
 use super::service::RawRequests;
 use super::{
-    RESPONSE_QUEUE, RecordedRequest, RecordedResponse, RecordedStream, RequestKind, Shared,
-    TypeSnapshot,
+    AdsForm, HEALTH_INFO_TYPE_URL, RESPONSE_QUEUE, RecordedRequest, RecordedResponse, RequestKind,
+    Shared, TypeSnapshot,
 };
 
 /// What one stream sent last for one type URL, for classifying the next request.
@@ -71,13 +72,7 @@ impl SotwStream {
                 }
             }
         }
-        let id = self.id;
-        self.shared.record(|recording| {
-            if let Some(stream) = recording.streams.iter_mut().find(|s| s.id == id) {
-                stream.open = false;
-                stream.error = error;
-            }
-        });
+        self.shared.close_stream(self.id, error);
     }
 
     /// Handles one request; false when the client no longer reads responses.
@@ -92,7 +87,10 @@ impl SotwStream {
                 .types
                 .get(&request.type_url)
                 .cloned(),
-            RequestKind::Ack | RequestKind::Nack | RequestKind::Stale => None,
+            RequestKind::Ack
+            | RequestKind::Nack
+            | RequestKind::Stale
+            | RequestKind::HealthReport => None,
         };
         if matches!(
             kind,
@@ -102,22 +100,17 @@ impl SotwStream {
             state.names = request.resource_names.clone();
         }
 
-        let (id, metadata) = (self.id, self.metadata.clone());
         let answered = answer.is_some();
-        let (type_url, node) = (request.type_url.clone(), request.node.clone());
-        self.shared.record(|recording| {
-            if let Some(stream) = recording.streams.iter_mut().find(|s| s.id == id) {
-                stream.node = stream.node.take().or(node);
-            }
-            let entry = RecordedRequest {
-                stream: id,
-                metadata,
-                raw,
-                request,
-                kind,
-                answered,
-            };
-            recording.requests.push(entry);
+        let type_url = request.type_url.clone();
+        self.shared.record_request(RecordedRequest {
+            stream: self.id,
+            form: AdsForm::Sotw,
+            metadata: self.metadata.clone(),
+            raw,
+            request,
+            delta: None,
+            kind,
+            answered,
         });
         match answer {
             Some(snapshot) => self.send(&type_url, snapshot).await,
@@ -158,13 +151,10 @@ impl SotwStream {
         state.nonce = response.nonce.clone();
         state.version = Some(snapshot.version);
 
-        let id = self.id;
-        let recorded = response.clone();
-        self.shared.record(|recording| {
-            recording.responses.push(RecordedResponse {
-                stream: id,
-                response: recorded,
-            });
+        self.shared.record_response(RecordedResponse {
+            stream: self.id,
+            response: response.clone(),
+            delta: None,
         });
         self.out.send(Ok(response)).await.is_ok()
     }
@@ -172,6 +162,9 @@ impl SotwStream {
 
 /// istiod's `ShouldRespond`, minus its bookkeeping.
 fn classify(request: &DiscoveryRequest, sent: Option<&TypeState>) -> RequestKind {
+    if request.type_url == HEALTH_INFO_TYPE_URL {
+        return RequestKind::HealthReport;
+    }
     if request.error_detail.is_some() {
         return RequestKind::Nack;
     }
@@ -213,16 +206,7 @@ impl AggregatedDiscoveryService for AdsHandler {
         let metadata = request.metadata().clone();
         let inbound = request.into_inner();
 
-        let id = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
-        let opened = RecordedStream {
-            id,
-            metadata: metadata.clone(),
-            node: None,
-            open: true,
-            error: None,
-        };
-        self.shared
-            .record(|recording| recording.streams.push(opened));
+        let id = self.shared.open_stream(AdsForm::Sotw, &metadata);
 
         let (out, responses) = mpsc::channel(RESPONSE_QUEUE);
         let stream = SotwStream {
@@ -239,10 +223,21 @@ impl AggregatedDiscoveryService for AdsHandler {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "the test upstream serves state-of-the-world ADS only",
-        ))
+        let raw = request
+            .extensions()
+            .get::<RawRequests>()
+            .cloned()
+            .unwrap_or_default();
+        let metadata = request.metadata().clone();
+        let inbound = request.into_inner();
+        let id = self.shared.open_stream(AdsForm::Delta, &metadata);
+
+        let (out, responses) = mpsc::channel(RESPONSE_QUEUE);
+        let stream = DeltaStream::new(Arc::clone(&self.shared), id, metadata, out);
+        let span = tracing::debug_span!("test_upstream_delta_stream", stream = id);
+        tokio::spawn(stream.run(inbound, raw).instrument(span));
+        Ok(Response::new(ReceiverStream::new(responses)))
     }
 }
