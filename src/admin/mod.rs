@@ -154,6 +154,7 @@ fn proxy_view(entry: &ProxyEntry) -> Value {
             "resources": p.resources,
         }))).collect::<serde_json::Map<_, _>>(),
         "acks": status.acks,
+        "rewrite_rejected": status.rewrite_rejected,
     })
 }
 

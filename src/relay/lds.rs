@@ -12,7 +12,8 @@ use super::listeners::{Envelope, ListenerCache, RewrittenListener};
 use crate::rewrite::RewritePlan;
 
 /// Rewrites that Envoy rejected, by listener name: a listener is not rewritten again under the
-/// same plan while istiod's bytes for it stay the same.
+/// same plan while istiod's bytes for the Listener stay the same (a new Delta resource version
+/// on the same Listener is not a change of input).
 #[derive(Debug, Default)]
 pub struct Rejections {
     by_name: HashMap<String, (RewritePlan, Bytes)>,
@@ -34,7 +35,7 @@ impl Rejections {
             && self
                 .by_name
                 .get(&entry.name)
-                .is_some_and(|(p, i)| p == plan && i == &entry.input);
+                .is_some_and(|(p, l)| p == plan && l == &entry.listener);
         if rejected {
             cache.rewrite(envelope, &RewritePlan::default(), input)
         } else {
@@ -53,7 +54,7 @@ impl Rejections {
             warn!(listener = %listener.name, %error, "Envoy rejected the rewritten listener; sending istiod's instead");
             self.by_name.insert(
                 listener.name.clone(),
-                (plan.clone(), listener.input.clone()),
+                (plan.clone(), listener.listener.clone()),
             );
         }
         self.last_error = Some(error);

@@ -41,6 +41,11 @@ pub struct RewrittenListener {
     /// istiod's resource, as received.
     #[serde(skip)]
     pub input: Bytes,
+    /// The Listener inside `input` (a view of it), empty when it could not be read. Envoy's
+    /// rejections are remembered against these bytes, which stay the same when only the Delta
+    /// envelope's version changes.
+    #[serde(skip)]
+    pub listener: Bytes,
     /// The resource to send instead, when the rewrite changed it.
     #[serde(skip)]
     pub output: Option<Bytes>,
@@ -180,6 +185,7 @@ fn rewrite_any(plan: &RewritePlan, input: Bytes) -> RewrittenListener {
             RewrittenListener {
                 name: report.name.clone(),
                 input,
+                listener: any.value.clone(),
                 output,
                 report: Some(report),
                 error: None,
@@ -233,6 +239,7 @@ fn rewrite_resource(plan: &RewritePlan, input: Bytes) -> RewrittenListener {
                 // Delta streams know their resources by the resource name.
                 name,
                 input,
+                listener: any.value.clone(),
                 output,
                 report: Some(report),
                 error: None,
@@ -251,6 +258,7 @@ fn unread(input: Bytes, name: String, error: String) -> RewrittenListener {
     RewrittenListener {
         name,
         input,
+        listener: Bytes::new(),
         output: None,
         report: None,
         error: Some(error),
