@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
@@ -43,8 +44,8 @@ pub(crate) fn split_documents(text: &str) -> Vec<Document<'_>> {
     let mut current = Pending::new(0, 1);
     let mut offset = 0;
 
-    for (line_number, line) in (1..).zip(text.split_inclusive('\n')) {
-        let bare = line.trim_end_matches(['\n', '\r']);
+    for (line_number, line) in (1..).zip(lines(text)) {
+        let bare = line.trim_end_matches(LINE_BREAKS);
         if let Some(rest) = marker(bare, "---") {
             if current.has_content || current.has_marker {
                 current.finish(text, offset, &mut documents);
@@ -62,6 +63,32 @@ pub(crate) fn split_documents(text: &str) -> Vec<Document<'_>> {
     }
     current.finish(text, text.len(), &mut documents);
     documents
+}
+
+/// What the YAML library takes for a line break: `\n`, `\r` (and `\r\n` as one break), and,
+/// following YAML 1.1, NEL, LS and PS. A `---` after any of them starts a document for the
+/// parser, and each of them counts as a line in the positions it reports.
+const LINE_BREAKS: [char; 5] = ['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'];
+
+/// The lines of `text`, each with its line break, split where the YAML library splits them.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest
+            .char_indices()
+            .find_map(|(i, c)| match c {
+                '\r' if rest[i + 1..].starts_with('\n') => Some(i + 2),
+                c if LINE_BREAKS.contains(&c) => Some(i + c.len_utf8()),
+                _ => None,
+            })
+            .unwrap_or(rest.len());
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        Some(line)
+    })
 }
 
 /// A document being collected by [`split_documents`].
@@ -112,7 +139,23 @@ fn is_content(line: &str, after_marker: bool) -> bool {
 /// JSON cannot hold (tags, integers beyond 64 bits) and on a key repeated in one mapping,
 /// which the API server rejects too. Non-finite floats become `null`.
 pub(crate) fn to_json(text: &str) -> Result<Value, serde_yaml_ng::Error> {
-    JsonValue.deserialize(serde_yaml_ng::Deserializer::from_str(text))
+    // The YAML library reads `text` as a stream. Text left over after the root node (`'x' y`, or
+    // a line less indented than a nested mapping it cannot continue) is where the parser wants
+    // the next document's `---`; read as a single document, such text fails with "more than one
+    // document is not supported" and no position. Read document by document, the second
+    // "document" is the parser's own error, which has the position.
+    let mut stream = serde_yaml_ng::Deserializer::from_str(text);
+    let Some(first) = stream.next() else {
+        return Ok(Value::Null);
+    };
+    let value = JsonValue.deserialize(first)?;
+    match stream.next().map(IgnoredAny::deserialize) {
+        None => Ok(value),
+        Some(Err(error)) => Err(error),
+        // A second document that parses: `split_documents` cuts at every marker, so only an
+        // odd stream gets here; the library says what it makes of it.
+        Some(Ok(_)) => JsonValue.deserialize(serde_yaml_ng::Deserializer::from_str(text)),
+    }
 }
 
 /// Seed and visitor building a [`Value`] from any YAML value.
@@ -416,6 +459,33 @@ mod tests {
     }
 
     #[test]
+    fn splits_at_every_line_break_the_parser_knows() {
+        // A lone `\r`, NEL, LS and PS end a line for the YAML library, so the `---` after them
+        // starts a document; splitting only at `\n` left both in one text, which the library
+        // then refused as "more than one document". Found by tests/prop_policy.rs.
+        for br in ["\r", "\u{85}", "\u{2028}", "\u{2029}", "\r\n", "\n"] {
+            let text = format!("a: 1{br}---{br}b: 2{br}");
+            let documents = split_documents(&text);
+            let got: Vec<_> = documents.iter().map(|d| (d.index, d.first_line)).collect();
+            assert_eq!(got, vec![(1, 1), (2, 2)], "break {br:?}");
+            for document in &documents {
+                assert!(to_json(document.text).is_ok(), "{:?}", document.text);
+            }
+            // Lines are counted as the parser counts them.
+            let broken = format!("a: 1{br}---{br}b: [1{br}c: 2{br}");
+            let second = &split_documents(&broken)[1];
+            let error = to_json(second.text).expect_err("unclosed flow sequence");
+            let location = error.location().expect("has a position");
+            assert_eq!(
+                second.file_position(location.line(), location.column()).0,
+                4,
+                "break {br:?}: {error}"
+            );
+        }
+        assert_eq!(texts("|\u{85}---\n~").len(), 2);
+    }
+
+    #[test]
     fn yaml_becomes_json_with_text_keys() {
         let value = to_json("a: {8080: {mode: STRICT}, true: x}\nb: [1, 2.5, null, .inf]\n")
             .expect("valid");
@@ -435,6 +505,28 @@ mod tests {
         assert_eq!((location.line(), location.column()), (4, 3));
         assert!(to_json("a: !Custom x\n").is_err());
         assert!(to_json("a: 123456789012345678901234567890\n").is_err());
+    }
+
+    #[test]
+    fn text_after_the_root_node_fails_with_its_position() {
+        // The parser wants a `---` where the leftover text starts; read as one document this
+        // used to fail as "more than one document" without a position. Found by
+        // tests/prop_policy.rs.
+        for (text, position) in [
+            ("''ᾶ", (1, 3)),
+            ("'x' y\n", (1, 5)),
+            ("  portLevelMtls:\n,\n", (2, 1)),
+            ("metadata:\n    name: a\n  namespace: b\n", (3, 3)),
+        ] {
+            let error = to_json(text).expect_err(text);
+            assert!(
+                !error.to_string().contains("more than one document"),
+                "{text:?}: {error}"
+            );
+            let location = error.location().expect("has a position");
+            assert_eq!((location.line(), location.column()), position, "{text:?}");
+        }
+        assert_eq!(to_json("'x'\n").expect("one scalar"), Value::from("x"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::wire::{FieldReader, LenValue, Value, WireProblem};
 use super::{ChainClass, ChainKind};
 
 /// `envoy.config.core.v3.TrafficDirection.INBOUND`.
-const INBOUND: u64 = 1;
+const INBOUND: i32 = 1;
 
 /// Field numbers of the messages the scan reads (envoy.config.listener.v3 and friends).
 mod tag {
@@ -116,7 +116,8 @@ fn read_listener<'a>(bytes: &'a [u8], scan: &mut ListenerScan<'a>) -> Result<(),
                 scan.chains.push(field.len().map_err(at("filter_chains"))?)
             }
             tag::LISTENER_TRAFFIC_DIRECTION => {
-                scan.inbound = field.varint().map_err(at("traffic_direction"))? == INBOUND;
+                let direction = field.enumeration().map_err(at("traffic_direction"))?;
+                scan.inbound = direction == INBOUND;
             }
             tag::LISTENER_FILTER_CHAIN_MATCHER => {
                 field.len().map_err(at("filter_chain_matcher"))?;

@@ -313,6 +313,22 @@ mod tests {
     }
 
     #[test]
+    fn source_type_is_compared_as_protobuf_reads_it() {
+        // source_type (field 12) ANY written as 5 * 2^32: protobuf parsers, Envoy's too, keep
+        // the low 32 bits, so Envoy files this chain under ANY beside the plain one, and a value
+        // added to either would collide. Found by tests/prop_rewrite.rs.
+        let mut fcm = tls_on(Some(80)).encode_to_vec();
+        fcm.extend_from_slice(&[0x60, 0x80, 0x80, 0x80, 0x80, 0x50]);
+        assert_eq!(FilterChainMatch::decode(&fcm[..]).unwrap().source_type, 0);
+        let mut wide = vec![0x0a, fcm.len() as u8];
+        wide.extend_from_slice(&fcm);
+        let plain = chain_bytes(&tls_on(Some(80)));
+        let (wide, plain) = (scan(0, &wide), scan(1, &plain));
+        assert_eq!(wide.matches.summary.source_type, 0);
+        assert!(same_match_path(&wide, &plain));
+    }
+
+    #[test]
     fn packed_source_ports_are_read() {
         // source_ports (field 7) packed: tag 0x3a, length 2, ports 5 and 6.
         let mut fcm = tls_on(Some(80)).encode_to_vec();

@@ -92,7 +92,8 @@ impl AlpnFlags {
 pub(crate) struct MatchSummary<'a> {
     pub destination_port: Option<u32>,
     pub transport_protocol: &'a str,
-    pub source_type: u64,
+    /// The enum's value as protobuf reads it (low 32 bits), which is what Envoy keys on.
+    pub source_type: i32,
     pub alpns: AlpnFlags,
 }
 
@@ -186,7 +187,7 @@ impl<'a> Matches<'a> {
             }
             tag::SOURCE_TYPE => {
                 let at = |p| ("filter_chain_match.source_type", p);
-                summary.source_type = field.varint().map_err(at)?;
+                summary.source_type = field.enumeration().map_err(at)?;
                 if std::mem::replace(&mut self.seen_source_type, true) {
                     self.repeated("filter_chain_match.source_type");
                 }

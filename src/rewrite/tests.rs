@@ -875,6 +875,32 @@ fn outbound_and_unspecified_listeners_are_skipped() {
 }
 
 #[test]
+fn traffic_direction_is_read_as_protobuf_reads_an_enum() {
+    // INBOUND (1) with junk above bit 32, and OUTBOUND (2) likewise: parsers keep the low 32
+    // bits, so Envoy sees INBOUND and OUTBOUND. Found by tests/prop_rewrite.rs.
+    let built = current_layout(MIXED_PORTS, Mode::Permissive);
+    for (wide, skipped) in [
+        (&[0x81, 0x80, 0x80, 0x80, 0x50], None),
+        (
+            &[0x82, 0x80, 0x80, 0x80, 0x50],
+            Some(SkipReason::NotInbound),
+        ),
+    ] {
+        let mut listener = built.listener();
+        listener.traffic_direction = TrafficDirection::Unspecified as i32;
+        let mut bytes = listener.encode_to_vec();
+        // traffic_direction is field 16, varint: key 0x80 0x01.
+        bytes.extend_from_slice(&[0x80, 0x01]);
+        bytes.extend_from_slice(wide);
+        let decoded = Listener::decode(&bytes[..]).expect("valid protobuf");
+        assert_eq!(decoded.traffic_direction, wide[0] as i32 & 0x7f);
+        let result = rewrite(&bytes, &everywhere());
+        assert_eq!(result.skipped, skipped);
+        assert_eq!(result.output.is_some(), skipped.is_none());
+    }
+}
+
+#[test]
 fn listeners_with_a_filter_chain_matcher_are_skipped() {
     let mut listener = current_layout(MIXED_PORTS, Mode::Permissive).listener();
     listener.filter_chain_matcher = Some(Matcher::default());

@@ -184,6 +184,13 @@ impl<'a> Field<'a> {
         }
     }
 
+    /// The value of an `enum` (or `int32`) field. Such a field is a varint of which protobuf
+    /// parsers keep the low 32 bits, as Envoy's does: `1` written with junk above bit 32 is
+    /// still `1`, and a negative value arrives sign-extended to ten bytes.
+    pub fn enumeration(&self) -> Result<i32, WireProblem> {
+        self.varint().map(|value| value as u32 as i32)
+    }
+
     /// The value of a `string` field.
     pub fn str(&self) -> Result<&'a str, WireProblem> {
         self.len()?.as_str()
@@ -552,6 +559,22 @@ mod tests {
             read_varint(&[0x80, 0x80], &mut 0),
             Err(WireProblem::Truncated)
         );
+    }
+
+    #[test]
+    fn enums_keep_the_low_32_bits() {
+        let enumeration = |bytes: &[u8]| {
+            let mut field = vec![0x08];
+            field.extend_from_slice(bytes);
+            let read = FieldReader::new(&field, 0).next().unwrap().unwrap();
+            read.enumeration()
+        };
+        assert_eq!(enumeration(&[0x01]), Ok(1));
+        // 1 + 5 * 2^32: the bits above the 32nd are dropped, as prost and Envoy drop them.
+        assert_eq!(enumeration(&[0x81, 0x80, 0x80, 0x80, 0x50]), Ok(1));
+        // -1, sign-extended to ten bytes.
+        let minus_one = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(enumeration(&minus_one), Ok(-1));
     }
 
     #[test]
