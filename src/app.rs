@@ -15,6 +15,7 @@ use tracing::{Instrument, info, info_span};
 use crate::admin;
 use crate::config::ServeArgs;
 use crate::relay::{AdsServer, Limits, Relay, Upstream};
+use crate::source::kube::{self, KubeOptions, KubeSource};
 use crate::source::{PolicySnapshot, files};
 
 /// How long streams get to finish after a shutdown signal before the process exits anyway.
@@ -31,6 +32,8 @@ pub struct RunningRelay {
     pub relay: Arc<Relay>,
     /// Writes new policy snapshots; the relay's streams read them.
     pub policy_writer: watch::Sender<Arc<PolicySnapshot>>,
+    /// The Kubernetes source, when policies come from the API; its watches stop with it.
+    _kube_source: Option<KubeSource>,
     stop: watch::Sender<bool>,
     xds: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<Result<(), admin::AdminError>>,
@@ -52,20 +55,30 @@ impl RunningRelay {
 pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
     info!(config = ?args, "starting alpn-xds");
 
-    // Policies first: a relay that cannot decide must not accept sidecars.
-    let Some(dir) = &args.policy_dir else {
-        bail!(
-            "no policy source: pass --policy-dir (the Kubernetes API source is not built into this version)"
-        );
+    // Policies first. A folder must read before the relay accepts sidecars; the Kubernetes
+    // source starts unsynced, and /readyz says so until its first complete list.
+    let (policy_writer, policies, kube_source) = match &args.policy_dir {
+        Some(dir) => {
+            let (writer, policies) = files::watch_dir(dir, &args.root_namespace)
+                .with_context(|| format!("loading policies from {}", dir.display()))?;
+            (writer, policies, None)
+        }
+        None => {
+            let client = kube::client(args.kubeconfig.as_deref()).await?;
+            let source = KubeSource::start(client, &kube_options(args));
+            (source.writer.clone(), source.policies.clone(), Some(source))
+        }
     };
-    let (policy_writer, policies) = files::watch_dir(dir, &args.root_namespace)
-        .with_context(|| format!("loading policies from {}", dir.display()))?;
 
     let upstream = Upstream::new(&args.upstream)?;
     let limits = Limits {
         max_message_size: args.max_message_size,
     };
-    let relay = Arc::new(Relay::new(upstream, policies, limits));
+    let mut relay = Relay::new(upstream, policies, limits);
+    if let Some(tracker) = kube_source.as_ref().and_then(KubeSource::tracker) {
+        relay = relay.with_pod_tracker(tracker);
+    }
+    let relay = Arc::new(relay);
 
     let admin_listener = admin::bind(args.admin).await?;
     let xds_listener = TcpListener::bind(args.listen)
@@ -99,10 +112,22 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         admin_addr,
         relay,
         policy_writer,
+        _kube_source: kube_source,
         stop,
         xds,
         admin,
     })
+}
+
+/// The Kubernetes source's options from the flags.
+fn kube_options(args: &ServeArgs) -> KubeOptions {
+    let mut options = KubeOptions::new(&args.root_namespace, &args.pod_name);
+    options.pod_labels = args.pod_labels;
+    options.events = args.events;
+    options.pod_linger = Duration::from_secs(args.pod_watch_linger);
+    options.backoff.max = Duration::from_secs(args.kube_backoff_max.max(1));
+    options.backoff.initial = options.backoff.initial.min(options.backoff.max);
+    options
 }
 
 /// Runs `alpn-xds serve` until SIGTERM or Ctrl-C.
