@@ -17,7 +17,7 @@ use support::http::{ClientError, HttpReply};
 use support::mesh::{BACKEND_NAME, CDS_VERSION, CONFIG_TIMEOUT, LDS_VERSION, Mesh};
 use support::relay::RelayProcess;
 use support::tls_client::{tls_get, tls12_handshake};
-use support::{http, loopback};
+use support::{http, loopback, wait_until};
 
 /// The standard ALPN values the relay appends to mTLS HTTP chains, in order.
 const STANDARD_ALPNS: [&str; 3] = ["http/1.0", "http/1.1", "h2"];
@@ -58,8 +58,7 @@ struct Sidecar {
     // Fields drop in this order: Envoy, then the relay, then what the relay reads.
     envoy: Envoy,
     relay: RelayProcess,
-    /// Kept so the folder lives as long as the relay reading it.
-    _policies: tempfile::TempDir,
+    policies: tempfile::TempDir,
     mesh: Mesh,
     bootstrap: Bootstrap,
 }
@@ -85,7 +84,7 @@ impl Sidecar {
         Self {
             envoy,
             relay,
-            _policies: dir,
+            policies: dir,
             mesh,
             bootstrap,
         }
@@ -301,6 +300,60 @@ async fn workload_policy_false_keeps_h2_out() {
     assert_eq!(plain.status, 200, "{plain:?}");
 
     sidecar.assert_listener_accepted().await;
+    sidecar.assert_upstream_saw_only_the_sidecar().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_change_reaches_a_running_envoy_without_istiod() {
+    let sidecar = Sidecar::start(&[("shop.yaml", NAMESPACE_POLICY)]).await;
+    let ports = sidecar.mesh.ports;
+    let h2 = sidecar
+        .mtls(ports.http, "h2")
+        .await
+        .expect("h2 before the change");
+    assert_eq!(h2.status, 200, "{h2:?}");
+    let responses_before = sidecar.mesh.upstream.recording().responses.len();
+
+    // The workload opts out while Envoy runs; istiod pushes nothing for such a change.
+    write_policy(sidecar.policies.path(), "web.yaml", WORKLOAD_POLICY);
+    wait_until(
+        "the relay's push to take h2 off the chain",
+        CONFIG_TIMEOUT,
+        || async {
+            let alpns = sidecar.declared_mtls_alpns().await;
+            (alpns == ALL_ISTIO_MTLS_ALPNS).then_some(())
+        },
+    )
+    .await;
+    let refused = sidecar.mtls(ports.http, "h2").await;
+    assert!(
+        matches!(refused, Err(ClientError::Handshake(_))),
+        "h2 after the workload opted out: {refused:?}"
+    );
+    let mesh_client = sidecar
+        .mtls(ports.http, "istio-http/1.1")
+        .await
+        .expect("istio-http/1.1");
+    assert_eq!(mesh_client.status, 200, "{mesh_client:?}");
+
+    // The push was the relay's own: the upstream sent nothing new and saw nothing of it.
+    assert_eq!(
+        sidecar.mesh.upstream.recording().responses.len(),
+        responses_before
+    );
+    let state = sidecar
+        .envoy
+        .listener_state(VIRTUAL_INBOUND)
+        .await
+        .expect("listener known");
+    assert_eq!(state.error, None, "Envoy rejected the relay's push");
+    assert_eq!(
+        sidecar
+            .envoy
+            .stat("listener_manager.lds.update_rejected")
+            .await,
+        Some(0)
+    );
     sidecar.assert_upstream_saw_only_the_sidecar().await;
 }
 

@@ -1,7 +1,11 @@
 //! The Listener side of the relay: rewriting the Listener resources of LDS responses for one
-//! proxy's plan, with a cache shared by every stream so that identical workloads share one
-//! rewritten copy.
+//! proxy's plan, through a cache shared by every stream.
+//!
+//! The cache holds istiod's bytes (copied out of the receive buffer) and the rewritten bytes, so
+//! that a thousand sidecars of one workload hold one copy of their listeners between them, and
+//! each stream keeps only references to the entries it last received and sent.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -11,22 +15,34 @@ use prost::Message;
 use serde::Serialize;
 use tracing::{debug, warn};
 
+use super::versions;
 use crate::rewrite::{self, ListenerRewrite, RewritePlan};
 use crate::wire;
 
 /// Type URL of `envoy.config.listener.v3.Listener`.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
+/// How a Listener resource is wrapped on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Envelope {
+    /// A `google.protobuf.Any`, as in state-of-the-world responses.
+    Any,
+    /// An `envoy.service.discovery.v3.Resource`, as in Delta responses.
+    Resource,
+}
+
 /// What became of one Listener resource under one plan.
 #[derive(Debug, Serialize)]
 pub struct RewrittenListener {
-    /// The listener's name, or the reason it could not be read.
+    /// The listener's name; in Delta responses, the resource's name.
     pub name: String,
-    /// The resource (a `google.protobuf.Any`) to send instead of istiod's; `None` when istiod's
-    /// bytes go out unchanged.
+    /// istiod's resource, as received.
     #[serde(skip)]
-    pub resource: Option<Bytes>,
-    /// The rewrite's report; `None` when the listener could not be read and was passed through.
+    pub input: Bytes,
+    /// The resource to send instead, when the rewrite changed it.
+    #[serde(skip)]
+    pub output: Option<Bytes>,
+    /// The rewrite's report; `None` when the listener was passed through unread.
     pub report: Option<ListenerRewrite>,
     /// Why the listener was passed through unread, when it was.
     pub error: Option<String>,
@@ -35,20 +51,26 @@ pub struct RewrittenListener {
 impl RewrittenListener {
     /// Whether the rewrite changed this listener.
     pub fn changed(&self) -> bool {
-        self.resource.is_some()
+        self.output.is_some()
+    }
+
+    /// The bytes that go to the sidecar.
+    pub fn sent(&self) -> &Bytes {
+        self.output.as_ref().unwrap_or(&self.input)
     }
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct CacheKey {
+    envelope: Envelope,
     plan: RewritePlan,
-    resource: Bytes,
+    input: Bytes,
 }
 
-/// Rewritten listeners keyed by (plan, istiod's resource bytes), shared by all streams.
+/// Rewritten listeners keyed by (envelope, plan, istiod's bytes), shared by all streams.
 ///
-/// Entries that no stream refers to any more are swept when the cache has doubled since the last
-/// sweep, so its size follows the listeners in use rather than every listener ever seen.
+/// Entries that no stream refers to any more are swept whenever the cache has doubled since the
+/// last sweep, so its size follows the listeners in use rather than every listener ever seen.
 #[derive(Debug, Default)]
 pub struct ListenerCache {
     entries: DashMap<CacheKey, Arc<RewrittenListener>>,
@@ -58,22 +80,32 @@ pub struct ListenerCache {
 const MIN_SWEEP: usize = 1024;
 
 impl ListenerCache {
-    /// Rewrites one LDS resource (a `google.protobuf.Any` holding a Listener) under `plan`.
-    pub fn rewrite(&self, plan: &RewritePlan, resource: &Bytes) -> Arc<RewrittenListener> {
+    /// Rewrites one Listener resource, wrapped as `envelope`, under `plan`.
+    pub fn rewrite(
+        &self,
+        envelope: Envelope,
+        plan: &RewritePlan,
+        resource: &Bytes,
+    ) -> Arc<RewrittenListener> {
         let key = CacheKey {
+            envelope,
             plan: plan.clone(),
-            resource: resource.clone(),
+            input: resource.clone(),
         };
         if let Some(hit) = self.entries.get(&key) {
             return hit.clone();
         }
 
-        let result = Arc::new(rewrite_resource(plan, resource));
-
-        // The key must not pin the whole receive buffer the resource is a view of.
+        // The cache keeps a copy of its own: `resource` is a view of a whole receive buffer.
+        let input = Bytes::copy_from_slice(resource);
+        let result = Arc::new(match envelope {
+            Envelope::Any => rewrite_any(plan, input.clone()),
+            Envelope::Resource => rewrite_resource(plan, input.clone()),
+        });
         let key = CacheKey {
+            envelope,
             plan: plan.clone(),
-            resource: Bytes::copy_from_slice(resource),
+            input,
         };
         let result = self.entries.entry(key).or_insert(result).clone();
         self.maybe_sweep();
@@ -90,94 +122,124 @@ impl ListenerCache {
         self.entries.is_empty()
     }
 
-    fn maybe_sweep(&self) {
-        let threshold = self.sweep_at.load(Ordering::Relaxed).max(MIN_SWEEP);
-        if self.entries.len() < threshold {
-            return;
-        }
+    /// Drops the entries that no stream uses.
+    pub fn sweep(&self) {
         self.entries.retain(|_, v| Arc::strong_count(v) > 1);
         let live = self.entries.len();
         self.sweep_at
             .store((live * 2).max(MIN_SWEEP), Ordering::Relaxed);
         debug!(live, "swept the listener cache");
     }
+
+    fn maybe_sweep(&self) {
+        let threshold = self.sweep_at.load(Ordering::Relaxed).max(MIN_SWEEP);
+        if self.entries.len() >= threshold {
+            self.sweep();
+        }
+    }
 }
 
-fn rewrite_resource(plan: &RewritePlan, resource: &Bytes) -> RewrittenListener {
-    let any = match wire::Any::decode(resource.clone()) {
+/// A state-of-the-world LDS resource: a `google.protobuf.Any` holding a Listener.
+fn rewrite_any(plan: &RewritePlan, input: Bytes) -> RewrittenListener {
+    let any = match wire::Any::decode(input.clone()) {
         Ok(any) => any,
         Err(e) => {
-            return unread(format!(
-                "the LDS resource is not a google.protobuf.Any: {e}"
-            ));
+            return unread(
+                input,
+                String::new(),
+                format!("not a google.protobuf.Any: {e}"),
+            );
         }
     };
     if any.type_url != LISTENER_TYPE {
-        return unread(format!("the LDS resource holds {}", any.type_url));
+        return unread(input, String::new(), format!("holds {}", any.type_url));
     }
 
     match rewrite::rewrite_listener(&any.value, plan) {
         Ok(report) => {
-            let resource = report.output.as_ref().map(|listener| {
-                wire::Any {
+            let output = report.output.as_ref().map(|listener| {
+                let any = wire::Any {
                     type_url: any.type_url.clone(),
                     value: listener.clone(),
-                }
-                .encode_to_vec()
-                .into()
+                };
+                Bytes::from(any.encode_to_vec())
             });
             RewrittenListener {
                 name: report.name.clone(),
-                resource,
+                input,
+                output,
                 report: Some(report),
                 error: None,
             }
         }
-        Err(e) => {
-            warn!(error = %e, "passing a listener through unchanged: it could not be read");
-            unread(e.to_string())
-        }
+        Err(e) => unreadable(input, String::new(), e),
     }
 }
 
-fn unread(error: String) -> RewrittenListener {
+/// A Delta LDS resource: an `envoy.service.discovery.v3.Resource` holding a Listener. A changed
+/// resource gets a version of the relay's making, derived from istiod's and the new bytes.
+fn rewrite_resource(plan: &RewritePlan, input: Bytes) -> RewrittenListener {
+    let resource = match wire::Resource::decode(input.clone()) {
+        Ok(resource) => resource,
+        Err(e) => {
+            let problem = format!("not an envoy.service.discovery.v3.Resource: {e}");
+            return unread(input, String::new(), problem);
+        }
+    };
+    let name = resource.name.clone();
+    let Some(any) = resource.resource.as_ref() else {
+        // A resource without a payload is how Delta says "this name has no content".
+        return unread(input, name, "carries no listener".to_string());
+    };
+    if any.type_url != LISTENER_TYPE {
+        return unread(input, name, format!("holds {}", any.type_url));
+    }
+    if resource.encoded_len() != input.len() {
+        // Fields this build does not know would be lost by re-encoding the envelope.
+        let problem = "the Resource envelope has fields this build does not know".to_string();
+        return unread(input, name, problem);
+    }
+
+    match rewrite::rewrite_listener(&any.value, plan) {
+        Ok(report) => {
+            let output = report.output.as_ref().map(|listener| {
+                let mut hasher = DefaultHasher::new();
+                listener.hash(&mut hasher);
+                let mut changed = resource.clone();
+                changed.version = versions::relay_version(
+                    &resource.version,
+                    &format!("{:016x}", hasher.finish()),
+                );
+                changed.resource = Some(wire::Any {
+                    type_url: any.type_url.clone(),
+                    value: listener.clone(),
+                });
+                Bytes::from(changed.encode_to_vec())
+            });
+            RewrittenListener {
+                // Delta streams know their resources by the resource name.
+                name,
+                input,
+                output,
+                report: Some(report),
+                error: None,
+            }
+        }
+        Err(e) => unreadable(input, name, e),
+    }
+}
+
+fn unreadable(input: Bytes, name: String, error: rewrite::RewriteError) -> RewrittenListener {
+    warn!(listener = %name, error = %error, "passing a listener through unchanged: it could not be read");
+    unread(input, name, error.to_string())
+}
+
+fn unread(input: Bytes, name: String, error: String) -> RewrittenListener {
     RewrittenListener {
-        name: String::new(),
-        resource: None,
+        name,
+        input,
+        output: None,
         report: None,
         error: Some(error),
     }
-}
-
-/// The outcome of rewriting every Listener of one LDS response.
-#[derive(Debug, Default)]
-pub struct LdsRewrite {
-    /// The resources to send, in istiod's order; `None` when nothing changed.
-    pub resources: Option<Vec<Bytes>>,
-    /// One entry per Listener resource, in istiod's order.
-    pub listeners: Vec<Arc<RewrittenListener>>,
-}
-
-/// Rewrites the Listener resources of one LDS response under `plan`.
-pub fn rewrite_lds(cache: &ListenerCache, plan: &RewritePlan, resources: &[Bytes]) -> LdsRewrite {
-    let mut out = LdsRewrite::default();
-    let mut changed = false;
-    let mut rewritten = Vec::with_capacity(resources.len());
-
-    for resource in resources {
-        let result = cache.rewrite(plan, resource);
-        match &result.resource {
-            Some(new) => {
-                changed = true;
-                rewritten.push(new.clone());
-            }
-            None => rewritten.push(resource.clone()),
-        }
-        out.listeners.push(result);
-    }
-
-    if changed {
-        out.resources = Some(rewritten);
-    }
-    out
 }

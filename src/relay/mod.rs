@@ -5,12 +5,16 @@
 //! every type but Listener passes through as the bytes istiod sent.
 
 pub mod codec;
+pub mod delta;
+pub mod lds;
 pub mod listeners;
 pub mod node;
 pub mod registry;
 pub mod server;
 pub mod sotw;
+pub mod stream;
 pub mod upstream;
+pub mod versions;
 
 use std::sync::Arc;
 

@@ -3,8 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
+use tracing::{debug, error};
 
 use dashmap::DashMap;
 use serde::Serialize;
@@ -73,6 +76,9 @@ pub struct ProxyStatus {
     pub pushes: BTreeMap<String, PushRecord>,
     /// The last ACK or NACK per type URL.
     pub acks: BTreeMap<String, AckRecord>,
+    /// Envoy's error when it rejected a rewritten listener; the proxy then gets istiod's
+    /// listeners unchanged until its policy or istiod's listeners change.
+    pub rewrite_rejected: Option<String>,
 }
 
 /// One connected proxy.
@@ -87,6 +93,8 @@ pub struct ProxyEntry {
     /// When the stream opened.
     pub connected_at: SystemTime,
     status: Mutex<ProxyStatus>,
+    #[serde(skip)]
+    seq: AtomicU64,
 }
 
 impl ProxyEntry {
@@ -94,6 +102,65 @@ impl ProxyEntry {
     pub fn status(&self) -> MutexGuard<'_, ProxyStatus> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
         self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next number for a response of the relay's own on this stream.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Notes a response sent to the proxy.
+    pub fn record_push(
+        &self,
+        type_url: &str,
+        origin: PushOrigin,
+        nonce: &str,
+        version: &str,
+        resources: usize,
+    ) {
+        debug!(
+            type_url,
+            ?origin,
+            nonce,
+            version,
+            resources,
+            "sending a response"
+        );
+        self.status().pushes.insert(
+            type_url.to_string(),
+            PushRecord {
+                at: SystemTime::now(),
+                origin,
+                nonce: nonce.to_string(),
+                version: version.to_string(),
+                resources,
+            },
+        );
+    }
+
+    /// Notes the proxy's answer to a response: an ACK, or a NACK with Envoy's error. A request
+    /// without a nonce answers nothing and is not noted.
+    pub fn record_answer(&self, type_url: &str, nonce: &str, version: &str, error_detail: &Bytes) {
+        if nonce.is_empty() {
+            debug!(type_url, version, "the proxy asks for a type");
+            return;
+        }
+        let nack =
+            (!error_detail.is_empty()).then(|| super::stream::rejection_message(error_detail));
+        match &nack {
+            Some(message) => {
+                error!(type_url, nonce, version, error = %message, "the proxy rejected a response")
+            }
+            None => debug!(type_url, nonce, version, "the proxy accepted a response"),
+        }
+        self.status().acks.insert(
+            type_url.to_string(),
+            AckRecord {
+                nonce: nonce.to_string(),
+                version: version.to_string(),
+                nack,
+            },
+        );
     }
 }
 
@@ -114,6 +181,7 @@ impl ProxyRegistry {
             xds,
             connected_at: SystemTime::now(),
             status: Mutex::default(),
+            seq: AtomicU64::new(0),
         });
         self.streams.insert(stream_id, entry.clone());
         Registration {

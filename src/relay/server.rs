@@ -14,8 +14,10 @@ use tonic::{Request, Response, Status};
 
 use super::codec::{Frame, FrameCodec};
 use super::upstream::{DELTA_PATH, SOTW_PATH};
-use super::{Relay, sotw};
-use crate::wire::{DiscoveryRequest, DiscoveryResponse};
+use super::{Relay, delta, sotw};
+use crate::wire::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -57,12 +59,13 @@ impl tonic::codegen::Service<http::Request<Body>> for AdsServer {
                 Ok(grpc.streaming(SotwCall(relay), request).await)
             }),
             DELTA_PATH => Box::pin(async move {
-                // Delta ADS is not relayed yet: the sidecar is told so plainly, and pilot-agent
-                // reports it, instead of a stream that silently carries nothing.
-                Ok(Status::unimplemented(
-                    "alpn-xds does not relay DeltaAggregatedResources yet; set ISTIO_DELTA_XDS=false on the sidecar",
+                let limit = relay.limits.max_message_size;
+                let mut grpc = Grpc::new(
+                    FrameCodec::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>::default(),
                 )
-                .into_http())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit);
+                Ok(grpc.streaming(DeltaCall(relay), request).await)
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
         }
@@ -83,5 +86,22 @@ impl tonic::codegen::Service<Request<Streaming<Frame<DiscoveryRequest>>>> for So
 
     fn call(&mut self, request: Request<Streaming<Frame<DiscoveryRequest>>>) -> Self::Future {
         Box::pin(sotw::serve(self.0.clone(), request))
+    }
+}
+
+/// The incremental method as a tower service.
+struct DeltaCall(Arc<Relay>);
+
+impl tonic::codegen::Service<Request<Streaming<Frame<DeltaDiscoveryRequest>>>> for DeltaCall {
+    type Response = Response<delta::ResponseStream>;
+    type Error = Status;
+    type Future = BoxFuture<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Streaming<Frame<DeltaDiscoveryRequest>>>) -> Self::Future {
+        Box::pin(delta::serve(self.0.clone(), request))
     }
 }

@@ -1,0 +1,166 @@
+//! What both ADS forms share: accepting a sidecar's stream, opening its own stream to istiod,
+//! reading the sidecar's requests, and the per-stream view of the policy.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, stream};
+use http::uri::PathAndQuery;
+use prost::Message;
+use tonic::codec::Streaming;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
+
+use super::codec::{Frame, FrameCodec};
+use super::node::ProxyIdentity;
+use super::registry::{ProxyEntry, Registration, XdsForm};
+use super::upstream::{error_chain, forwarded_metadata};
+use super::{Relay, plan_for, workload_for};
+use crate::policy::EffectivePolicy;
+use crate::rewrite::RewritePlan;
+
+/// A sidecar stream whose first request has arrived.
+pub struct Accepted<Req> {
+    /// The stream's place in the registry, held for as long as the stream lives.
+    pub registration: Registration,
+    /// The stream's span, carrying the node id.
+    pub span: Span,
+    /// The first request, which carries the node.
+    pub first: Frame<Req>,
+    /// The rest of the sidecar's requests.
+    pub downstream: Streaming<Frame<Req>>,
+    /// The sidecar's request metadata.
+    pub metadata: MetadataMap,
+}
+
+/// Waits for the first request of a sidecar stream, reads who is calling and registers it.
+pub async fn accept<Req: Message + Default>(
+    relay: &Relay,
+    request: Request<Streaming<Frame<Req>>>,
+    form: XdsForm,
+    node_of: fn(&Req) -> &Bytes,
+) -> Result<Accepted<Req>, Status> {
+    let (metadata, _, mut downstream) = request.into_parts();
+
+    // Envoy sends its node only on the first request; nothing can be decided before it.
+    let first = downstream
+        .message()
+        .await?
+        .ok_or_else(|| Status::cancelled("the stream closed before its first request"))?;
+    let identity = ProxyIdentity::from_node_bytes(node_of(first.msg())).map_err(|e| {
+        Status::invalid_argument(format!("the first request's node cannot be read: {e}"))
+    })?;
+
+    let registration = relay.registry.register(identity, form);
+    let entry = registration.entry();
+    let span = info_span!(
+        "stream",
+        node.id = %entry.identity.node_id,
+        xds = ?form,
+        stream = entry.stream_id
+    );
+    debug!(parent: &span, workload = ?entry.identity.workload, "sidecar connected");
+    Ok(Accepted {
+        registration,
+        span,
+        first,
+        downstream,
+        metadata,
+    })
+}
+
+/// Opens the sidecar's own stream to istiod, carrying `requests` and the sidecar's metadata.
+pub async fn open_upstream<Req, Resp>(
+    relay: &Relay,
+    span: &Span,
+    metadata: &MetadataMap,
+    requests: impl Stream<Item = Frame<Req>> + Send + 'static,
+    path: PathAndQuery,
+) -> Result<Streaming<Frame<Resp>>, Status>
+where
+    Req: Message + Default + Send + Sync + 'static,
+    Resp: Message + Default + Send + Sync + 'static,
+{
+    let channel = relay
+        .upstream
+        .connect()
+        .instrument(span.clone())
+        .await
+        .map_err(|e| {
+            warn!(parent: span, error = %e, "cannot reach istiod");
+            Status::unavailable(e.to_string())
+        })?;
+    let mut client = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(relay.limits.max_message_size)
+        .max_encoding_message_size(relay.limits.max_message_size);
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("istiod is not ready: {}", error_chain(&e))))?;
+
+    let mut request = Request::new(requests);
+    *request.metadata_mut() = forwarded_metadata(metadata);
+    let response = client
+        .streaming(request, path, FrameCodec::<Req, Resp>::default())
+        .instrument(span.clone())
+        .await
+        .inspect_err(|status| {
+            info!(parent: span, code = ?status.code(), message = status.message(), "istiod refused the stream");
+        })?;
+    Ok(response.into_inner())
+}
+
+/// The sidecar's requests after the first, ending at its half-close or its first error.
+pub fn downstream_requests<Req: Message + Default + Send + 'static>(
+    downstream: Streaming<Frame<Req>>,
+) -> impl Stream<Item = Frame<Req>> + Send {
+    stream::unfold(downstream, |mut downstream| async move {
+        match downstream.message().await {
+            Ok(Some(frame)) => Some((frame, downstream)),
+            Ok(None) => {
+                debug!("the sidecar closed its side of the stream");
+                None
+            }
+            Err(status) => {
+                debug!(code = ?status.code(), message = status.message(), "the sidecar's stream failed");
+                None
+            }
+        }
+    })
+    .fuse()
+}
+
+/// The policy resolved for a proxy from the relay's latest snapshot, with the plan it gives.
+pub struct Decision {
+    /// The resolved policy; `None` when the proxy names no workload.
+    pub policy: Option<EffectivePolicy>,
+    /// Which chain ports get the standard ALPNs.
+    pub plan: RewritePlan,
+    /// The generation of the snapshot decided on.
+    pub generation: u64,
+}
+
+/// Decides for `entry` with the relay's latest policies, marking them seen on `policies`.
+pub fn decide(
+    entry: &ProxyEntry,
+    policies: &mut tokio::sync::watch::Receiver<Arc<crate::source::PolicySnapshot>>,
+) -> Decision {
+    let snapshot = policies.borrow_and_update().clone();
+    let policy = workload_for(&entry.identity, &snapshot).map(|w| snapshot.set.resolve(&w));
+    let plan = policy.as_ref().map(plan_for).unwrap_or_default();
+    Decision {
+        policy,
+        plan,
+        generation: snapshot.generation,
+    }
+}
+
+/// The message of a `google.rpc.Status`, or a note that it could not be read.
+pub fn rejection_message(error_detail: &Bytes) -> String {
+    match envoy_types::pb::google::rpc::Status::decode(error_detail.clone()) {
+        Ok(status) if !status.message.is_empty() => status.message,
+        Ok(status) => format!("code {}", status.code),
+        Err(_) => "(unreadable error_detail)".to_string(),
+    }
+}
