@@ -301,11 +301,11 @@ impl FakeKube {
         });
     }
 
-    /// Forgets the history: resuming a watch from any resourceVersion seen so far gets
-    /// `410 Gone`.
+    /// Forgets the history: resuming a watch from any resourceVersion older than the current
+    /// one gets `410 Gone`; a fresh list's resourceVersion is still good.
     pub fn compact(&self) {
         let mut store = self.store();
-        store.compacted = store.rv + 1;
+        store.compacted = store.rv;
         store.history.clear();
     }
 
@@ -457,12 +457,17 @@ fn route(shared: &Arc<Shared>, method: &Method, seen: &SeenRequest, body: &Bytes
             json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
                    "resources": [resource("pods", "Pod", true)]}),
         ),
-        (&Method::GET, ["apis"]) => json_response(
-            200,
-            json!({"kind": "APIGroupList", "apiVersion": "v1",
-                   "groups": [security_group(versions), events_group()]}),
-        ),
-        (&Method::GET, ["apis", SECURITY_GROUP]) => json_response(200, security_group(versions)),
+        (&Method::GET, ["apis"]) => {
+            // A cluster without Istio has no security.istio.io group at all.
+            let mut groups = vec![events_group()];
+            if !versions.is_empty() {
+                groups.insert(0, security_group(versions));
+            }
+            json_response(200, json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+        }
+        (&Method::GET, ["apis", SECURITY_GROUP]) if !versions.is_empty() => {
+            json_response(200, security_group(versions))
+        }
         (&Method::GET, ["apis", SECURITY_GROUP, version]) if served(versions, version) => {
             json_response(
                 200,

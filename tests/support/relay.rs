@@ -2,6 +2,7 @@
 //! folder, on free loopback ports. Killed when dropped; a test that panics while it runs gets
 //! the end of its log on stderr.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,6 +31,27 @@ impl RelayProcess {
     /// Runs `alpn-xds serve` in front of `upstream` (`http://…`) reading policies from
     /// `policy_dir`, and waits until its admin says it is healthy and ready.
     pub async fn start(upstream: &str, policy_dir: &Path) -> Self {
+        let source = [OsString::from("--policy-dir"), policy_dir.into()];
+        Self::start_with(upstream, &source).await
+    }
+
+    /// Runs `alpn-xds serve` in front of `upstream` reading policies from the Kubernetes API
+    /// of `kubeconfig`, retrying that API at least every second, and waits until it is healthy
+    /// and ready (its first complete list is done).
+    pub async fn start_kube(upstream: &str, kubeconfig: &Path) -> Self {
+        let source = [
+            OsString::from("--kubeconfig"),
+            kubeconfig.into(),
+            "--kube-backoff-max".into(),
+            "1".into(),
+            "--pod-watch-linger".into(),
+            "1".into(),
+        ];
+        Self::start_with(upstream, &source).await
+    }
+
+    /// Runs `alpn-xds serve` with `source_args` choosing the policy source.
+    pub async fn start_with(upstream: &str, source_args: &[OsString]) -> Self {
         let [listen_port, admin_port] = free_ports::<2>();
         let (listen, admin) = (loopback(listen_port), loopback(admin_port));
         let dir = tempfile::Builder::new()
@@ -43,8 +65,7 @@ impl RelayProcess {
             .arg("serve")
             .args(["--listen", &listen.to_string()])
             .args(["--upstream", upstream])
-            .arg("--policy-dir")
-            .arg(policy_dir)
+            .args(source_args)
             .args(["--admin", &admin.to_string()])
             .env("ALPN_XDS_LOG", "info,alpn_xds=debug")
             .stdin(Stdio::null())

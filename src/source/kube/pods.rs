@@ -32,6 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::AbortOnDrop;
 use super::backoff::{Backoff, BackoffPolicy};
+use super::policies::RELIST_QUIET;
 use super::state::{ObjectKey, Publisher};
 use crate::source::{PodLabels, PodTracker};
 
@@ -244,7 +245,12 @@ async fn watch_namespace(
     policy: BackoffPolicy,
 ) {
     let mut backoff = Backoff::new(policy);
+    let mut last_relist: Option<std::time::Instant> = None;
     loop {
+        if last_relist.is_some_and(|t| t.elapsed() < RELIST_QUIET) {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        last_relist = Some(std::time::Instant::now());
         // `PartialObjectMeta` makes every request metadata-only.
         let api: Api<PartialObjectMeta<Pod>> = Api::namespaced(client.clone(), &namespace);
         let mut events = watcher::watcher(api, watcher::Config::default()).boxed();

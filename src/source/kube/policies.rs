@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
@@ -22,6 +23,9 @@ use tracing::{debug, info, warn};
 use super::backoff::{Backoff, BackoffPolicy};
 use super::discovery;
 use super::state::{ObjectKey, Publisher};
+
+/// A relist sooner than this after the previous one waits a backoff first.
+pub(super) const RELIST_QUIET: Duration = Duration::from_secs(60);
 
 /// Runs discovery and the watch until the task is aborted.
 pub(super) async fn follow(client: Client, publisher: Arc<Publisher>, policy: BackoffPolicy) {
@@ -60,6 +64,7 @@ async fn watch(
     publisher: &Publisher,
     backoff: &mut Backoff,
 ) {
+    let mut last_relist: Option<Instant> = None;
     loop {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
         let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
@@ -93,9 +98,15 @@ async fn watch(
                 },
             }
         };
-        if matches!(restart, Restart::Rediscover) {
-            return;
+        match restart {
+            Restart::Rediscover => return,
+            // A server that expires every fresh list at once would make this a tight loop.
+            Restart::Relist if last_relist.is_some_and(|t| t.elapsed() < RELIST_QUIET) => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Restart::Relist => {}
         }
+        last_relist = Some(Instant::now());
     }
 }
 
