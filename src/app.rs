@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{Instrument, info, info_span};
 
 use crate::admin;
@@ -92,8 +93,14 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         admin::serve(admin_listener, relay.clone(), stopped(stop_rx.clone()))
             .instrument(info_span!("admin")),
     );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = serving_tls(args)? {
+        server = server
+            .tls_config(tls)
+            .context("configuring TLS for sidecars")?;
+    }
     let xds = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AdsServer::new(relay.clone()))
@@ -117,6 +124,19 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         xds,
         admin,
     })
+}
+
+/// The TLS identity sidecars see, when `--tls-cert` and `--tls-key` are given.
+fn serving_tls(args: &ServeArgs) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let identity = Identity::from_pem(read(cert)?, read(key)?);
+    info!(cert = %cert.display(), "serving sidecars over TLS");
+    Ok(Some(ServerTlsConfig::new().identity(identity)))
 }
 
 /// The Kubernetes source's options from the flags.

@@ -104,6 +104,15 @@ pub struct ServeArgs {
     #[arg(long, env = "ALPN_XDS_KUBE_BACKOFF_MAX", default_value_t = 30)]
     pub kube_backoff_max: u64,
 
+    /// PEM certificate chain served to sidecars; with `--tls-key`, the xDS listener speaks TLS
+    /// (what pilot-agent expects on 15012). Read at start.
+    #[arg(long, env = "ALPN_XDS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "ALPN_XDS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Address of the admin HTTP endpoints (/healthz, /readyz, /debug/*).
     #[arg(long, env = "ALPN_XDS_ADMIN", default_value = "0.0.0.0:15014")]
     pub admin: SocketAddr,
