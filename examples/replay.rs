@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -23,9 +24,8 @@ use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use prost::Message;
 
 use alpn_xds::app;
-use alpn_xds::config::ServeArgs;
+use alpn_xds::config::{Cli, Command};
 use alpn_xds::dump::listeners_from_json;
-use alpn_xds::relay::DEFAULT_MAX_MESSAGE_SIZE;
 use alpn_xds::relay::listeners::LISTENER_TYPE;
 use alpn_xds::testkit::upstream::{Snapshot, TestUpstream};
 
@@ -78,15 +78,18 @@ async fn main() -> anyhow::Result<()> {
     // The relay, as `alpn-xds serve` runs it, with the policy in a folder of its own.
     let policy_dir = tempfile::tempdir()?;
     std::fs::write(policy_dir.path().join("policy.yaml"), policy)?;
-    let relay = app::start(&ServeArgs {
-        listen: "127.0.0.1:0".parse()?,
-        upstream: upstream.url(),
-        policy_dir: Some(policy_dir.path().to_path_buf()),
-        admin: "127.0.0.1:0".parse()?,
-        root_namespace: "istio-system".to_string(),
-        max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-    })
-    .await?;
+    // Parsed as the command line is, so that every other flag keeps its default.
+    let cli = Cli::try_parse_from([
+        "alpn-xds".into(),
+        "serve".into(),
+        "--listen=127.0.0.1:0".into(),
+        "--admin=127.0.0.1:0".into(),
+        format!("--upstream={}", upstream.url()).into(),
+        "--policy-dir".into(),
+        policy_dir.path().as_os_str().to_owned(),
+    ] as [std::ffi::OsString; 7])?;
+    let Command::Serve(args) = cli.command;
+    let relay = app::start(&args).await?;
 
     // The sidecar's side: one LDS request, as Envoy sends it.
     let mut client =

@@ -45,7 +45,11 @@ fn manifests() -> BTreeMap<String, Vec<Value>> {
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(&dir).expect("examples/kubernetes") {
         let path = entry.expect("entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).expect("name").to_string();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .to_string();
         assert!(name.ends_with(".yaml"), "{name}: only YAML belongs here");
         let text = std::fs::read_to_string(&path).expect("read");
         let documents: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
@@ -93,7 +97,10 @@ fn every_manifest_parses_with_a_real_kind() {
                 "{file}: {api_version} {kind} is not a kind this deployment may use"
             );
             if kind != "Kustomization" {
-                assert!(document["metadata"]["name"].is_string(), "{file}: {kind} without a name");
+                assert!(
+                    document["metadata"]["name"].is_string(),
+                    "{file}: {kind} without a name"
+                );
             }
         }
     }
@@ -117,7 +124,10 @@ fn the_deployment_agrees_with_the_binary() {
     let pod = &deployment["spec"]["template"];
     let labels = &pod["metadata"]["labels"];
     assert_eq!(deployment["spec"]["selector"]["matchLabels"], *labels);
-    assert_eq!(pod["metadata"]["annotations"]["sidecar.istio.io/inject"], "false");
+    assert_eq!(
+        pod["metadata"]["annotations"]["sidecar.istio.io/inject"],
+        "false"
+    );
     let spec = &pod["spec"];
     let container = &spec["containers"][0];
 
@@ -131,8 +141,15 @@ fn the_deployment_agrees_with_the_binary() {
         let name = env["name"].as_str().expect("env name");
         assert!(known_env.contains(name), "{name} is not read by alpn-xds");
     }
-    assert!(args.policy_dir.is_none(), "the Kubernetes API is the source");
-    assert!(args.upstream.ends_with("istiod.istio-system.svc:15010"), "{}", args.upstream);
+    assert!(
+        args.policy_dir.is_none(),
+        "the Kubernetes API is the source"
+    );
+    assert!(
+        args.upstream.ends_with("istiod.istio-system.svc:15010"),
+        "{}",
+        args.upstream
+    );
     assert!(args.pod_labels && args.events);
 
     // Ports: the container's named ports are the ones the binary listens on.
@@ -159,17 +176,29 @@ fn the_deployment_agrees_with_the_binary() {
     // Requests and limits, non-root, read-only root filesystem.
     for kind in ["requests", "limits"] {
         for resource in ["cpu", "memory"] {
-            assert!(container["resources"][kind][resource].is_string(), "{kind}.{resource}");
+            assert!(
+                container["resources"][kind][resource].is_string(),
+                "{kind}.{resource}"
+            );
         }
     }
     assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
-    assert!(spec["securityContext"]["runAsUser"].as_u64().is_some_and(|u| u > 0));
+    assert!(
+        spec["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u > 0)
+    );
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
-    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
 
     // TLS: the certificate and key come from the serving Certificate's secret.
     let certificate = object(&all, "Certificate", "alpn-xds-serving");
-    let secret = certificate["spec"]["secretName"].as_str().expect("secretName");
+    let secret = certificate["spec"]["secretName"]
+        .as_str()
+        .expect("secretName");
     let volume = spec["volumes"]
         .as_array()
         .expect("volumes")
@@ -189,11 +218,16 @@ fn the_deployment_agrees_with_the_binary() {
     assert_eq!(key, Path::new(dir).join("tls.key"));
 
     // The service account is the one the role is bound to.
-    let account = spec["serviceAccountName"].as_str().expect("serviceAccountName");
+    let account = spec["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName");
     object(&all, "ServiceAccount", account);
     let binding = object(&all, "ClusterRoleBinding", "alpn-xds");
     assert_eq!(binding["subjects"][0]["name"], account);
-    assert_eq!(binding["subjects"][0]["namespace"], deployment["metadata"]["namespace"]);
+    assert_eq!(
+        binding["subjects"][0]["namespace"],
+        deployment["metadata"]["namespace"]
+    );
 
     // The budget and the Service select these pods.
     let pdb = object(&all, "PodDisruptionBudget", "alpn-xds");
@@ -229,7 +263,10 @@ fn the_role_grants_what_the_source_uses_and_no_more() {
         .expect("rules")
         .iter()
         .flat_map(|rule| {
-            let verbs: BTreeSet<String> = strings(&rule["verbs"]).iter().map(|v| v.to_string()).collect();
+            let verbs: BTreeSet<String> = strings(&rule["verbs"])
+                .iter()
+                .map(|v| v.to_string())
+                .collect();
             let groups = strings(&rule["apiGroups"]);
             let resources = strings(&rule["resources"]);
             groups
@@ -241,9 +278,21 @@ fn the_role_grants_what_the_source_uses_and_no_more() {
         .collect();
     let set = |verbs: &[&str]| verbs.iter().map(|v| v.to_string()).collect::<BTreeSet<_>>();
     let expected = vec![
-        ("security.istio.io".to_string(), "peerauthentications".to_string(), set(&["get", "list", "watch"])),
-        (String::new(), "pods".to_string(), set(&["get", "list", "watch"])),
-        ("events.k8s.io".to_string(), "events".to_string(), set(&["create", "patch"])),
+        (
+            "security.istio.io".to_string(),
+            "peerauthentications".to_string(),
+            set(&["get", "list", "watch"]),
+        ),
+        (
+            String::new(),
+            "pods".to_string(),
+            set(&["get", "list", "watch"]),
+        ),
+        (
+            "events.k8s.io".to_string(),
+            "events".to_string(),
+            set(&["create", "patch"]),
+        ),
     ];
     assert_eq!(rules, expected);
 }
@@ -257,7 +306,9 @@ fn the_sidecar_side_trusts_the_relay() {
     let service_host = format!(
         "{}.{}.svc",
         service["metadata"]["name"].as_str().expect("name"),
-        service["metadata"]["namespace"].as_str().expect("namespace")
+        service["metadata"]["namespace"]
+            .as_str()
+            .expect("namespace")
     );
     assert!(dns_names.contains(&service_host.as_str()), "{dns_names:?}");
 
@@ -267,14 +318,18 @@ fn the_sidecar_side_trusts_the_relay() {
         .expect("the workload example's Deployment");
     let annotations = &workload["spec"]["template"]["metadata"]["annotations"];
     let proxy_config: serde_yaml_ng::Value = serde_yaml_ng::from_str(
-        annotations["proxy.istio.io/config"].as_str().expect("proxy.istio.io/config"),
+        annotations["proxy.istio.io/config"]
+            .as_str()
+            .expect("proxy.istio.io/config"),
     )
     .expect("proxy.istio.io/config is YAML");
     let proxy_config = serde_json::to_value(proxy_config).expect("JSON");
 
     // The discovery address is the Service's TLS port, under a name the certificate holds
     // (what Istio 1.11, without ISTIOD_SAN, checks).
-    let address = proxy_config["discoveryAddress"].as_str().expect("discoveryAddress");
+    let address = proxy_config["discoveryAddress"]
+        .as_str()
+        .expect("discoveryAddress");
     assert_eq!(address, format!("{service_host}:15012"));
     let metadata = &proxy_config["proxyMetadata"];
     let san = metadata["ISTIOD_SAN"].as_str().expect("ISTIOD_SAN");
@@ -283,23 +338,37 @@ fn the_sidecar_side_trusts_the_relay() {
     // XDS_ROOT_CA is a file of the mounted CA bundle, which trust-manager writes.
     let root_ca = metadata["XDS_ROOT_CA"].as_str().expect("XDS_ROOT_CA");
     let volume: Value = serde_json::from_str(
-        annotations["sidecar.istio.io/userVolume"].as_str().expect("userVolume"),
+        annotations["sidecar.istio.io/userVolume"]
+            .as_str()
+            .expect("userVolume"),
     )
     .expect("userVolume is JSON");
     let mounts: Value = serde_json::from_str(
-        annotations["sidecar.istio.io/userVolumeMount"].as_str().expect("userVolumeMount"),
+        annotations["sidecar.istio.io/userVolumeMount"]
+            .as_str()
+            .expect("userVolumeMount"),
     )
     .expect("userVolumeMount is JSON");
-    let (name, mount) = mounts.as_object().and_then(|m| m.iter().next()).expect("a mount");
-    let config_map = volume[name]["configMap"]["name"].as_str().expect("a ConfigMap volume");
+    let (name, mount) = mounts
+        .as_object()
+        .and_then(|m| m.iter().next())
+        .expect("a mount");
+    let config_map = volume[name]["configMap"]["name"]
+        .as_str()
+        .expect("a ConfigMap volume");
     let bundle = object(&all, "Bundle", config_map);
-    let key = bundle["spec"]["target"]["configMap"]["key"].as_str().expect("target key");
+    let key = bundle["spec"]["target"]["configMap"]["key"]
+        .as_str()
+        .expect("target key");
     let mount_path = mount["mountPath"].as_str().expect("mountPath");
     assert_eq!(root_ca, format!("{mount_path}/{key}"));
     // The bundle carries the CA's certificate, from the secret the CA Certificate fills.
     let ca = object(&all, "Certificate", "alpn-xds-ca");
     assert_eq!(ca["spec"]["isCA"], true);
-    assert_eq!(bundle["spec"]["sources"][0]["secret"]["name"], ca["spec"]["secretName"]);
+    assert_eq!(
+        bundle["spec"]["sources"][0]["secret"]["name"],
+        ca["spec"]["secretName"]
+    );
     assert_eq!(bundle["spec"]["sources"][0]["secret"]["key"], "ca.crt");
     let namespace = all[WORKLOAD_EXAMPLE]
         .iter()
@@ -335,7 +404,10 @@ async fn the_relay_serves_tls_with_the_given_certificate() {
     // A client trusting the CA completes the handshake and gets gRPC's h2.
     let port = relay.listen().port();
     let alpn = tls12_handshake(&pki, port, None, &["h2"]).await;
-    assert_eq!(alpn.expect("TLS handshake with the relay").as_deref(), Some("h2"));
+    assert_eq!(
+        alpn.expect("TLS handshake with the relay").as_deref(),
+        Some("h2")
+    );
     // One trusting another CA does not.
     let stranger = TestPki::new();
     let refused = tls12_handshake(&stranger, port, None, &["h2"]).await;

@@ -86,9 +86,14 @@ impl Sidecar {
             .listener_state(VIRTUAL_INBOUND)
             .await
             .expect("listener known");
-        assert_eq!(state.error, None, "Envoy rejected an update of virtualInbound");
         assert_eq!(
-            self.envoy.stat("listener_manager.lds.update_rejected").await,
+            state.error, None,
+            "Envoy rejected an update of virtualInbound"
+        );
+        assert_eq!(
+            self.envoy
+                .stat("listener_manager.lds.update_rejected")
+                .await,
             Some(0)
         );
     }
@@ -126,7 +131,9 @@ async fn policy_edits_in_the_api_reach_a_connected_envoy() {
 
     // The platform team turns it on in the API; istiod would push nothing for that.
     sidecar.fake.apply_policy(namespace_policy("true"));
-    sidecar.wait_h2(true, "the edit to true reaches Envoy").await;
+    sidecar
+        .wait_h2(true, "the edit to true reaches Envoy")
+        .await;
 
     // The API server goes away: the relay stays ready and keeps the last policies.
     sidecar.fake.stop().await;
@@ -139,11 +146,16 @@ async fn policy_edits_in_the_api_reach_a_connected_envoy() {
 
     // It comes back: the edit made while it was away arrives.
     sidecar.fake.restart().await;
-    sidecar.wait_h2(false, "the edit made while away reaches Envoy").await;
+    sidecar
+        .wait_h2(false, "the edit made while away reaches Envoy")
+        .await;
     sidecar.assert_nothing_rejected().await;
     let policies = sidecar.relay.admin_json("/debug/policies").await;
     assert!(
-        policies["origin"].as_str().unwrap_or_default().contains("security.istio.io/v1 "),
+        policies["origin"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("security.istio.io/v1 "),
         "{policies}"
     );
 }
@@ -156,13 +168,19 @@ async fn a_relabelled_pod_changes_what_envoy_accepts() {
     fake.apply_pod("shop", "web-1", &[("app", "web"), ("version", "v1")]);
     fake.apply_pod("other", "db-0", &[("app", "db")]);
     let sidecar = Sidecar::start(fake).await;
-    sidecar.wait_h2(true, "web-1 is not in the locked tier").await;
+    sidecar
+        .wait_h2(true, "web-1 is not in the locked tier")
+        .await;
 
     // Relabelled into the locked tier (its node metadata still says app=web, version=v1).
+    sidecar.fake.apply_pod(
+        "shop",
+        "web-1",
+        &[("app", "web"), ("version", "v1"), ("tier", "locked")],
+    );
     sidecar
-        .fake
-        .apply_pod("shop", "web-1", &[("app", "web"), ("version", "v1"), ("tier", "locked")]);
-    sidecar.wait_h2(false, "the relabelled pod refuses h2").await;
+        .wait_h2(false, "the relabelled pod refuses h2")
+        .await;
 
     sidecar
         .fake
@@ -180,14 +198,20 @@ async fn a_relabelled_pod_changes_what_envoy_accepts() {
     assert!(!pod_requests.is_empty());
     for request in &pod_requests {
         assert_eq!(request.path, "/api/v1/namespaces/shop/pods", "{request:?}");
-        assert!(request.accept.contains("as=PartialObjectMetadata"), "{request:?}");
+        assert!(
+            request.accept.contains("as=PartialObjectMetadata"),
+            "{request:?}"
+        );
     }
 }
 
 /// The `application_protocols` of the chain matching `port` with `transport_protocol: tls`
 /// and an Istio mTLS ALPN, in a listener as Envoy's config dump shows it.
 fn mtls_chain_alpns(listener: &Value, port: u16) -> Vec<String> {
-    let chains = listener["filter_chains"].as_array().cloned().unwrap_or_default();
+    let chains = listener["filter_chains"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     chains
         .iter()
         .find_map(|chain| {

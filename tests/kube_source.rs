@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use alpn_xds::policy::Workload;
 use alpn_xds::relay::node::ProxyIdentity;
 use alpn_xds::relay::workload_for;
 use alpn_xds::source::PolicySnapshot;
+use alpn_xds::source::SourceError;
 use alpn_xds::source::kube::events::reason;
 use alpn_xds::source::kube::{self, BackoffPolicy, KubeOptions, KubeSource, discovery};
-use alpn_xds::source::SourceError;
-use alpn_xds::policy::Workload;
 use serde_json::{Value, json};
 use support::fake_kube::{FakeKube, Match, SeenRequest};
 use support::wait_until;
@@ -53,12 +53,19 @@ impl Source {
     }
 
     /// Waits for a snapshot that `check` accepts.
-    async fn wait(&self, what: &str, check: impl Fn(&PolicySnapshot) -> bool) -> Arc<PolicySnapshot> {
+    async fn wait(
+        &self,
+        what: &str,
+        check: impl Fn(&PolicySnapshot) -> bool,
+    ) -> Arc<PolicySnapshot> {
         let mut policies = self.source.policies.clone();
         let found = tokio::time::timeout(CHANGE_TIMEOUT, policies.wait_for(|s| check(s))).await;
         match found {
             Ok(Ok(snapshot)) => snapshot.clone(),
-            _ => panic!("timed out waiting for {what}; last snapshot: {:?}", self.now()),
+            _ => panic!(
+                "timed out waiting for {what}; last snapshot: {:?}",
+                self.now()
+            ),
         }
     }
 
@@ -68,7 +75,13 @@ impl Source {
 }
 
 /// A PeerAuthentication object; `selector` as `key=value`.
-fn policy(namespace: &str, name: &str, annotation: Option<&str>, mode: &str, selector: Option<&str>) -> Value {
+fn policy(
+    namespace: &str,
+    name: &str,
+    annotation: Option<&str>,
+    mode: &str,
+    selector: Option<&str>,
+) -> Value {
     let mut object = json!({
         "apiVersion": "security.istio.io/v1",
         "kind": "PeerAuthentication",
@@ -135,10 +148,16 @@ async fn discovery_prefers_v1_and_falls_back_to_v1beta1() {
 
         assert!(has(&snapshot, "shop", "default"));
         let api_version = format!("security.istio.io/{expected}");
-        assert!(snapshot.origin.contains(&api_version), "{}", snapshot.origin);
+        assert!(
+            snapshot.origin.contains(&api_version),
+            "{}",
+            snapshot.origin
+        );
         let lists = lists_of(&fake, PA);
         assert!(
-            lists.iter().all(|r| r.path == format!("/apis/{api_version}/{PA}")),
+            lists
+                .iter()
+                .all(|r| r.path == format!("/apis/{api_version}/{PA}")),
             "lists went to {:?}",
             lists.iter().map(|r| &r.path).collect::<Vec<_>>()
         );
@@ -160,7 +179,12 @@ async fn without_istio_the_source_is_never_ready() {
         .await
         .expect_err("no security.istio.io group");
     assert!(matches!(error, SourceError::NotServed { .. }), "{error}");
-    assert!(error.to_string().contains("peerauthentications.security.istio.io"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("peerauthentications.security.istio.io"),
+        "{error}"
+    );
 
     let source = Source::start(&fake).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -191,19 +215,34 @@ async fn policies_follow_adds_edits_and_deletes() {
         annotation(&snapshot, "shop", "default"),
         Some(Some("true".to_string()))
     );
-    assert_eq!(lists_of(&fake, PA).len(), 3, "two failed lists, then one that worked");
+    assert_eq!(
+        lists_of(&fake, PA).len(),
+        3,
+        "two failed lists, then one that worked"
+    );
 
     // The watch starts at the list's resourceVersion and asks for bookmarks.
     let first_watch = wait_until("the watch request", CHANGE_TIMEOUT, || async {
         watches_of(&fake, PA).into_iter().next()
     })
     .await;
-    assert_eq!(first_watch.query.get("resourceVersion"), Some(&listed_at.to_string()));
-    assert_eq!(first_watch.query.get("allowWatchBookmarks").map(String::as_str), Some("true"));
+    assert_eq!(
+        first_watch.query.get("resourceVersion"),
+        Some(&listed_at.to_string())
+    );
+    assert_eq!(
+        first_watch
+            .query
+            .get("allowWatchBookmarks")
+            .map(String::as_str),
+        Some("true")
+    );
 
     // ADDED, MODIFIED, DELETED.
     fake.apply_policy(policy("bank", "default", None, "STRICT", None));
-    source.wait("bank/default added", |s| has(s, "bank", "default")).await;
+    source
+        .wait("bank/default added", |s| has(s, "bank", "default"))
+        .await;
     fake.apply_policy(policy("shop", "default", Some("false"), "PERMISSIVE", None));
     source
         .wait("shop/default edited", |s| {
@@ -211,9 +250,15 @@ async fn policies_follow_adds_edits_and_deletes() {
         })
         .await;
     fake.delete_policy("bank", "default");
-    let snapshot = source.wait("bank/default deleted", |s| !has(s, "bank", "default")).await;
+    let snapshot = source
+        .wait("bank/default deleted", |s| !has(s, "bank", "default"))
+        .await;
     assert_eq!(snapshot.generation, 4, "one snapshot per change");
-    assert_eq!(lists_of(&fake, PA).len(), 3, "no relist while the watch is healthy");
+    assert_eq!(
+        lists_of(&fake, PA).len(),
+        3,
+        "no relist while the watch is healthy"
+    );
 }
 
 #[tokio::test]
@@ -232,12 +277,21 @@ async fn a_broken_watch_resumes_from_the_last_bookmark_without_relisting() {
     watching(&fake, 1).await;
     fake.drop_watches();
     fake.apply_policy(policy("bank", "default", Some("true"), "PERMISSIVE", None));
-    source.wait("bank/default after the break", |s| has(s, "bank", "default")).await;
+    source
+        .wait("bank/default after the break", |s| {
+            has(s, "bank", "default")
+        })
+        .await;
     assert_eq!(lists_of(&fake, PA).len(), 1, "resumed, not relisted");
     let resumed = watches_of(&fake, PA);
     assert!(resumed.len() >= 2, "{resumed:?}");
-    let from: u64 = resumed[1].query["resourceVersion"].parse().expect("a number");
-    assert!(from >= elsewhere, "resumed from {from}, before the bookmark's {elsewhere}");
+    let from: u64 = resumed[1].query["resourceVersion"]
+        .parse()
+        .expect("a number");
+    assert!(
+        from >= elsewhere,
+        "resumed from {from}, before the bookmark's {elsewhere}"
+    );
 
     // Two watch requests fail with 500; the source retries and catches up.
     fake.fail_next(
@@ -270,8 +324,13 @@ async fn gone_relists_and_keeps_the_policies_meanwhile() {
     watching(&fake, 1).await;
     fake.expire_watches();
     fake.apply_policy(policy("bank", "default", None, "PERMISSIVE", None));
-    assert!(has(&source.now(), "shop", "default"), "policies kept while relisting");
-    let snapshot = source.wait("bank/default after 410", |s| has(s, "bank", "default")).await;
+    assert!(
+        has(&source.now(), "shop", "default"),
+        "policies kept while relisting"
+    );
+    let snapshot = source
+        .wait("bank/default after 410", |s| has(s, "bank", "default"))
+        .await;
     assert!(has(&snapshot, "shop", "default"));
     assert!(snapshot.generation > first.generation);
     assert_eq!(lists_of(&fake, PA).len(), 2);
@@ -288,7 +347,9 @@ async fn gone_relists_and_keeps_the_policies_meanwhile() {
     watching(&fake, 1).await;
     fake.drop_watches();
     fake.apply_policy(policy("web", "default", None, "PERMISSIVE", None));
-    source.wait("web/default after HTTP 410", |s| has(s, "web", "default")).await;
+    source
+        .wait("web/default after HTTP 410", |s| has(s, "web", "default"))
+        .await;
     wait_until("the relist after HTTP 410", CHANGE_TIMEOUT, || async {
         (lists_of(&fake, PA).len() == 3).then_some(())
     })
@@ -306,8 +367,14 @@ async fn gone_relists_and_keeps_the_policies_meanwhile() {
     watching(&fake, 1).await;
     fake.expire_watches();
     fake.delete_policy("web", "default");
-    source.wait("web/default deleted", |s| !has(s, "web", "default")).await;
-    assert_eq!(lists_of(&fake, PA).len(), 5, "a failed list, then one that worked");
+    source
+        .wait("web/default deleted", |s| !has(s, "web", "default"))
+        .await;
+    assert_eq!(
+        lists_of(&fake, PA).len(),
+        5,
+        "a failed list, then one that worked"
+    );
     assert!(has(&source.now(), "shop", "default") && has(&source.now(), "bank", "default"));
 }
 
@@ -328,7 +395,10 @@ async fn the_api_server_going_away_and_coming_back_loses_nothing() {
     let during = source.now();
     assert!(during.synced, "still ready while the API server is away");
     assert_eq!(during.generation, before.generation);
-    assert_eq!(annotation(&during, "shop", "default"), Some(Some("true".into())));
+    assert_eq!(
+        annotation(&during, "shop", "default"),
+        Some(Some("true".into()))
+    );
 
     // Back: the watch resumes and replays everything missed.
     fake.restart().await;
@@ -347,7 +417,11 @@ async fn the_api_server_going_away_and_coming_back_loses_nothing() {
     fake.apply_policy(policy("bank", "default", Some("true"), "PERMISSIVE", None));
     fake.compact();
     fake.restart().await;
-    source.wait("bank/default after a compacted outage", |s| has(s, "bank", "default")).await;
+    source
+        .wait("bank/default after a compacted outage", |s| {
+            has(s, "bank", "default")
+        })
+        .await;
     assert!(lists_of(&fake, PA).len() > lists, "relisted");
 }
 
@@ -375,7 +449,13 @@ fn adds_alpns(identity: &ProxyIdentity, snapshot: &PolicySnapshot) -> bool {
 async fn a_relabelled_pod_changes_its_decision() {
     let fake = FakeKube::start(&["v1"]).await;
     fake.apply_policy(policy("shop", "default", Some("true"), "PERMISSIVE", None));
-    fake.apply_policy(policy("shop", "locked", Some("false"), "PERMISSIVE", Some("tier=locked")));
+    fake.apply_policy(policy(
+        "shop",
+        "locked",
+        Some("false"),
+        "PERMISSIVE",
+        Some("tier=locked"),
+    ));
     fake.apply_pod("shop", "web-1", &[("app", "web")]);
     fake.apply_pod("shop", "web-2", &[("app", "web")]);
     fake.apply_pod("other", "x", &[("app", "x")]);
@@ -386,7 +466,9 @@ async fn a_relabelled_pod_changes_its_decision() {
 
     let guard = tracker.track("shop", "web-1");
     let snapshot = source
-        .wait("web-1's labels", |s| s.pods.contains_key(&("shop".into(), "web-1".into())))
+        .wait("web-1's labels", |s| {
+            s.pods.contains_key(&("shop".into(), "web-1".into()))
+        })
         .await;
     assert!(adds_alpns(&proxy, &snapshot));
     assert_eq!(snapshot.pods.len(), 1, "only tracked pods are published");
@@ -400,12 +482,17 @@ async fn a_relabelled_pod_changes_its_decision() {
                 .is_some_and(|l| l.get("tier").map(String::as_str) == Some("locked"))
         })
         .await;
-    assert!(!adds_alpns(&proxy, &snapshot), "the relabelled pod still gets the ALPNs");
+    assert!(
+        !adds_alpns(&proxy, &snapshot),
+        "the relabelled pod still gets the ALPNs"
+    );
 
     // A second proxy in the same namespace shares the watch.
     let second = tracker.track("shop", "web-2");
     source
-        .wait("web-2's labels", |s| s.pods.contains_key(&("shop".into(), "web-2".into())))
+        .wait("web-2's labels", |s| {
+            s.pods.contains_key(&("shop".into(), "web-2".into()))
+        })
         .await;
 
     // Only what is needed was read: one metadata-only list and watch of namespace shop.
@@ -415,8 +502,10 @@ async fn a_relabelled_pod_changes_its_decision() {
         .filter(|r| r.path.contains("pods"))
         .collect();
     assert!(
-        pod_requests.iter().all(|r| r.path == "/api/v1/namespaces/shop/pods"
-            && r.accept.contains("as=PartialObjectMetadata")),
+        pod_requests
+            .iter()
+            .all(|r| r.path == "/api/v1/namespaces/shop/pods"
+                && r.accept.contains("as=PartialObjectMetadata")),
         "{pod_requests:?}"
     );
     assert_eq!(lists_of(&fake, "pods").len(), 1);
@@ -424,9 +513,14 @@ async fn a_relabelled_pod_changes_its_decision() {
     // A deleted pod cannot be read: the node metadata's labels decide again.
     fake.delete_pod("shop", "web-1");
     let snapshot = source
-        .wait("web-1 gone", |s| !s.pods.contains_key(&("shop".into(), "web-1".into())))
+        .wait("web-1 gone", |s| {
+            !s.pods.contains_key(&("shop".into(), "web-1".into()))
+        })
         .await;
-    assert!(adds_alpns(&proxy, &snapshot), "fallback to the node metadata's labels");
+    assert!(
+        adds_alpns(&proxy, &snapshot),
+        "fallback to the node metadata's labels"
+    );
 
     // The last proxy of the namespace leaves: the pod watch stops after the linger.
     drop(guard);
@@ -442,7 +536,13 @@ async fn a_relabelled_pod_changes_its_decision() {
 async fn a_pod_that_cannot_be_read_falls_back_to_the_node_metadata() {
     let fake = FakeKube::start(&["v1"]).await;
     fake.apply_policy(policy("shop", "default", Some("true"), "PERMISSIVE", None));
-    fake.apply_policy(policy("shop", "locked", Some("false"), "PERMISSIVE", Some("tier=locked")));
+    fake.apply_policy(policy(
+        "shop",
+        "locked",
+        Some("false"),
+        "PERMISSIVE",
+        Some("tier=locked"),
+    ));
     fake.apply_pod("shop", "web-1", &[("app", "web"), ("tier", "locked")]);
     fake.fail_next(
         Match {
@@ -463,7 +563,10 @@ async fn a_pod_that_cannot_be_read_falls_back_to_the_node_metadata() {
     .await;
     let snapshot = source.now();
     assert!(snapshot.pods.is_empty());
-    assert!(adds_alpns(&web_1(), &snapshot), "judged by the node metadata's app=web");
+    assert!(
+        adds_alpns(&web_1(), &snapshot),
+        "judged by the node metadata's app=web"
+    );
 }
 
 /// The `reason` of each Event, with the name of the object it is about, sorted.
@@ -473,7 +576,10 @@ fn event_reasons(fake: &FakeKube) -> Vec<(String, String)> {
         .iter()
         .map(|e| {
             (
-                e["regarding"]["name"].as_str().unwrap_or_default().to_string(),
+                e["regarding"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
                 e["reason"].as_str().unwrap_or_default().to_string(),
             )
         })
@@ -486,7 +592,13 @@ fn event_reasons(fake: &FakeKube) -> Vec<(String, String)> {
 async fn events_are_posted_once_per_object_version() {
     let fake = FakeKube::start(&["v1"]).await;
     fake.apply_policy(policy("shop", "bad", Some("yes"), "PERMISSIVE", None));
-    fake.apply_policy(policy("istio-system", "mesh", Some("true"), "PERMISSIVE", None));
+    fake.apply_policy(policy(
+        "istio-system",
+        "mesh",
+        Some("true"),
+        "PERMISSIVE",
+        None,
+    ));
     fake.apply_policy(policy("bank", "strict", Some("true"), "STRICT", None));
     fake.apply_policy(policy("web", "fine", Some("true"), "PERMISSIVE", None));
     let source = Source::start(&fake).await;
@@ -495,7 +607,10 @@ async fn events_are_posted_once_per_object_version() {
     let expected = vec![
         ("bad".to_string(), reason::BAD_ANNOTATION_VALUE.to_string()),
         ("mesh".to_string(), reason::ANNOTATION_IGNORED.to_string()),
-        ("strict".to_string(), reason::MODE_NOT_PERMISSIVE.to_string()),
+        (
+            "strict".to_string(),
+            reason::MODE_NOT_PERMISSIVE.to_string(),
+        ),
     ];
     wait_until("three Events", CHANGE_TIMEOUT, || async {
         (event_reasons(&fake) == expected).then_some(())
@@ -511,7 +626,10 @@ async fn events_are_posted_once_per_object_version() {
         assert_eq!(event["reportingInstance"], "replica-1");
         assert_eq!(event["metadata"]["namespace"], regarding["namespace"]);
         let note = event["note"].as_str().expect("note");
-        assert!(note.contains(regarding["name"].as_str().expect("name")), "{note}");
+        assert!(
+            note.contains(regarding["name"].as_str().expect("name")),
+            "{note}"
+        );
     }
 
     // A relist and a second replica report nothing new.
@@ -547,7 +665,9 @@ async fn events_are_posted_once_per_object_version() {
     .await;
     fake.apply_policy(policy("shop", "bad", Some("true"), "PERMISSIVE", None));
     source
-        .wait("the fix", |s| annotation(s, "shop", "bad") == Some(Some("true".into())))
+        .wait("the fix", |s| {
+            annotation(s, "shop", "bad") == Some(Some("true".into()))
+        })
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.events().len(), 4);

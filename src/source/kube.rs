@@ -16,16 +16,16 @@
 pub mod backoff;
 pub mod discovery;
 pub mod events;
-mod policies;
 pub mod pods;
+mod policies;
 mod state;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::config::{Config, KubeConfigOptions, Kubeconfig};
 use kube::Client;
+use kube::config::{Config, KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span};
@@ -94,7 +94,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
     info!(api_server = %config.cluster_url, "Kubernetes API configured");
     Client::try_from(config).map_err(|source| SourceError::KubeRequest {
         what: "building the client".into(),
-        source,
+        source: Box::new(source),
     })
 }
 

@@ -50,7 +50,7 @@ pub enum SourceError {
         what: String,
         /// The client's error.
         #[source]
-        source: ::kube::Error,
+        source: Box<::kube::Error>,
     },
     /// The API server does not serve a resource the source needs.
     #[error("the Kubernetes API does not serve {resource}: {reason}")]

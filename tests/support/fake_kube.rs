@@ -399,11 +399,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
     let seen = SeenRequest {
         method: request.method().to_string(),
         path: request.uri().path().to_string(),
-        query: request
-            .uri()
-            .query()
-            .map(parse_query)
-            .unwrap_or_default(),
+        query: request.uri().query().map(parse_query).unwrap_or_default(),
         accept: header("accept"),
         authorization: header("authorization"),
     };
@@ -443,7 +439,12 @@ fn take_fault(store: &mut Store, seen: &SeenRequest) -> Option<u16> {
     Some(status)
 }
 
-fn route(shared: &Arc<Shared>, method: &Method, seen: &SeenRequest, body: &Bytes) -> Response<Body> {
+fn route(
+    shared: &Arc<Shared>,
+    method: &Method,
+    seen: &SeenRequest,
+    body: &Bytes,
+) -> Response<Body> {
     let parts: Vec<&str> = seen.path.trim_matches('/').split('/').collect();
     let versions = &shared.versions;
     match (method, parts.as_slice()) {
@@ -463,7 +464,10 @@ fn route(shared: &Arc<Shared>, method: &Method, seen: &SeenRequest, body: &Bytes
             if !versions.is_empty() {
                 groups.insert(0, security_group(versions));
             }
-            json_response(200, json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+            json_response(
+                200,
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            )
         }
         (&Method::GET, ["apis", SECURITY_GROUP]) if !versions.is_empty() => {
             json_response(200, security_group(versions))
@@ -472,24 +476,46 @@ fn route(shared: &Arc<Shared>, method: &Method, seen: &SeenRequest, body: &Bytes
             json_response(
                 200,
                 json!({"kind": "APIResourceList", "apiVersion": "v1",
-                       "groupVersion": format!("{SECURITY_GROUP}/{version}"),
-                       "resources": [
-                           resource("peerauthentications", "PeerAuthentication", true),
-                           resource("authorizationpolicies", "AuthorizationPolicy", true),
-                       ]}),
+                "groupVersion": format!("{SECURITY_GROUP}/{version}"),
+                "resources": [
+                    resource("peerauthentications", "PeerAuthentication", true),
+                    resource("authorizationpolicies", "AuthorizationPolicy", true),
+                ]}),
             )
         }
         (&Method::GET, ["apis", SECURITY_GROUP, version, "peerauthentications"])
             if served(versions, version) =>
         {
             let api_version = format!("{SECURITY_GROUP}/{version}");
-            list_or_watch(shared, seen, "peerauthentications", None, &api_version, "PeerAuthentication")
+            list_or_watch(
+                shared,
+                seen,
+                "peerauthentications",
+                None,
+                &api_version,
+                "PeerAuthentication",
+            )
         }
-        (&Method::GET, ["apis", SECURITY_GROUP, version, "namespaces", ns, "peerauthentications"])
-            if served(versions, version) =>
-        {
+        (
+            &Method::GET,
+            [
+                "apis",
+                SECURITY_GROUP,
+                version,
+                "namespaces",
+                ns,
+                "peerauthentications",
+            ],
+        ) if served(versions, version) => {
             let api_version = format!("{SECURITY_GROUP}/{version}");
-            list_or_watch(shared, seen, "peerauthentications", Some(ns), &api_version, "PeerAuthentication")
+            list_or_watch(
+                shared,
+                seen,
+                "peerauthentications",
+                Some(ns),
+                &api_version,
+                "PeerAuthentication",
+            )
         }
         (&Method::GET, ["api", "v1", "pods"]) => {
             list_or_watch(shared, seen, "pods", None, "v1", "Pod")
@@ -551,7 +577,15 @@ fn list_or_watch(
     let metadata_only = seen.accept.contains("as=PartialObjectMetadata");
     let in_scope = move |ns: &str| namespace.is_none_or(|n| n == ns);
     if seen.is_watch() {
-        return watch(shared, seen, resource, namespace.map(str::to_string), api_version, kind, metadata_only);
+        return watch(
+            shared,
+            seen,
+            resource,
+            namespace.map(str::to_string),
+            api_version,
+            kind,
+            metadata_only,
+        );
     }
     let store = shared.store.lock().expect("fake store");
     let items: Vec<Value> = store
@@ -561,7 +595,10 @@ fn list_or_watch(
         .map(|(_, object)| present(object, api_version, kind, metadata_only))
         .collect();
     let (list_version, list_kind) = if metadata_only {
-        ("meta.k8s.io/v1".to_string(), "PartialObjectMetadataList".to_string())
+        (
+            "meta.k8s.io/v1".to_string(),
+            "PartialObjectMetadataList".to_string(),
+        )
     } else {
         (api_version.to_string(), format!("{kind}List"))
     };
@@ -622,8 +659,10 @@ fn watch(
                         "object": present(&change.object, &api_version, &kind, metadata_only)}))
         };
         let gone = || {
-            line(json!({"type": "ERROR", "object": status_json(410, "Expired",
-                "too old resource version")}))
+            line(
+                json!({"type": "ERROR", "object": status_json(410, "Expired",
+                "too old resource version")}),
+            )
         };
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         'stream: {
@@ -694,7 +733,15 @@ fn create_event(shared: &Arc<Shared>, namespace: &str, body: &Bytes) -> Response
     let Some(name) = event["metadata"]["name"].as_str().map(str::to_string) else {
         return status_response(422, "metadata.name: Required value");
     };
-    for field in ["eventTime", "reportingController", "reportingInstance", "action", "reason", "regarding", "type"] {
+    for field in [
+        "eventTime",
+        "reportingController",
+        "reportingInstance",
+        "action",
+        "reason",
+        "regarding",
+        "type",
+    ] {
         if event.get(field).is_none_or(Value::is_null) {
             return status_response(422, &format!("{field}: Required value"));
         }
@@ -707,7 +754,11 @@ fn create_event(shared: &Arc<Shared>, namespace: &str, body: &Bytes) -> Response
     if store.objects.contains_key(&key) {
         return json_response(
             409,
-            status_json(409, "AlreadyExists", &format!("events.events.k8s.io \"{name}\" already exists")),
+            status_json(
+                409,
+                "AlreadyExists",
+                &format!("events.events.k8s.io \"{name}\" already exists"),
+            ),
         );
     }
     store.rv += 1;

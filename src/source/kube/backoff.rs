@@ -74,7 +74,10 @@ mod tests {
         let delays: Vec<Duration> = (0..4).map(|_| backoff.next_delay()).collect();
         let steps = [100, 200, 350, 350].map(Duration::from_millis);
         for (delay, step) in delays.iter().zip(steps) {
-            assert!(*delay <= step && *delay >= step.mul_f64(0.75), "{delay:?} for {step:?}");
+            assert!(
+                *delay <= step && *delay >= step.mul_f64(0.75),
+                "{delay:?} for {step:?}"
+            );
         }
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));

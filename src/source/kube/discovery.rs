@@ -23,7 +23,7 @@ const PLURAL: &str = "peerauthentications";
 pub async fn peer_authentication(client: &Client) -> Result<ApiResource, SourceError> {
     let kube_error = |source| SourceError::KubeRequest {
         what: format!("discovery of {GROUP}"),
-        source,
+        source: Box::new(source),
     };
     let groups = client.list_api_groups().await.map_err(kube_error)?;
     let Some(group) = groups.groups.iter().find(|g| g.name == GROUP) else {

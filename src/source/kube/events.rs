@@ -109,9 +109,13 @@ pub(super) fn problems(set: &PolicySet, entries: &BTreeMap<ObjectKey, Entry>) ->
     // they are known without pods: a namespace policy for a workload no workload policy
     // selects, a workload policy for a workload with exactly its selector's labels.
     for policy in set.policies() {
-        let asks = policy.annotation.as_deref().and_then(parse_annotation_value) == Some(true);
-        let placement_ignored = policy.namespace == set.root_namespace()
-            || policy.namespace == ISTIO_SYSTEM_NAMESPACE;
+        let asks = policy
+            .annotation
+            .as_deref()
+            .and_then(parse_annotation_value)
+            == Some(true);
+        let placement_ignored =
+            policy.namespace == set.root_namespace() || policy.namespace == ISTIO_SYSTEM_NAMESPACE;
         if !asks || placement_ignored {
             continue;
         }
@@ -250,8 +254,7 @@ async fn post(client: &Client, instance: &str, problem: &Problem) -> Result<(), 
 }
 
 fn field_path(reason: &str) -> Option<String> {
-    (reason != reason::INVALID_POLICY)
-        .then(|| format!("metadata.annotations['{ALPN_ANNOTATION}']"))
+    (reason != reason::INVALID_POLICY).then(|| format!("metadata.annotations['{ALPN_ANNOTATION}']"))
 }
 
 /// `text` cut to at most `max` bytes, at a character boundary.
@@ -349,7 +352,10 @@ mod tests {
         let mut workload = policy("shop", "web", "true", "UNSET");
         workload.selector.insert("app".into(), "web".into());
         let found = problems_of(vec![workload, policy("shop", "default", "false", "STRICT")]);
-        assert_eq!(found, vec![("web".to_string(), reason::MODE_NOT_PERMISSIVE)]);
+        assert_eq!(
+            found,
+            vec![("web".to_string(), reason::MODE_NOT_PERMISSIVE)]
+        );
     }
 
     #[test]

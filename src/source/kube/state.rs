@@ -132,7 +132,11 @@ impl Publisher {
         let mut inner = self.lock();
         let key = key_of(object);
         let entry = read(&inner.api_version, object, inner.entries.get(&key));
-        if inner.entries.get(&key).is_some_and(|e| e.object == entry.object) {
+        if inner
+            .entries
+            .get(&key)
+            .is_some_and(|e| e.object == entry.object)
+        {
             return;
         }
         inner.entries.insert(key, entry);
