@@ -195,6 +195,33 @@ async fn without_istio_the_source_is_never_ready() {
 }
 
 #[tokio::test]
+async fn a_version_no_longer_served_is_discovered_again() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    fake.apply_policy(policy("shop", "default", Some("true"), "PERMISSIVE", None));
+    let source = Source::start(&fake).await;
+    let first = source.synced().await;
+    assert!(
+        first.origin.contains("security.istio.io/v1beta1"),
+        "{}",
+        first.origin
+    );
+
+    // Istio is upgraded: only v1 is served now, and the v1beta1 watch breaks.
+    fake.serve_versions(&["v1"]);
+    watching(&fake, 1).await;
+    fake.drop_watches();
+    fake.apply_policy(policy("bank", "default", None, "STRICT", None));
+    let snapshot = source
+        .wait("the policies through v1", |s| {
+            s.origin.contains("security.istio.io/v1 ") && has(s, "bank", "default")
+        })
+        .await;
+    assert!(has(&snapshot, "shop", "default") && snapshot.synced);
+    let v1_lists = format!("/apis/security.istio.io/v1/{PA}");
+    assert!(lists_of(&fake, PA).iter().any(|r| r.path == v1_lists));
+}
+
+#[tokio::test]
 async fn policies_follow_adds_edits_and_deletes() {
     let fake = FakeKube::start(&["v1", "v1beta1"]).await;
     let listed_at = fake.apply_policy(policy("shop", "default", Some("true"), "PERMISSIVE", None));

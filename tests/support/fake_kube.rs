@@ -125,7 +125,7 @@ struct Shared {
     store: Mutex<Store>,
     signals: broadcast::Sender<Signal>,
     /// The PeerAuthentication versions served, preferred first.
-    versions: Vec<String>,
+    versions: Mutex<Vec<String>>,
 }
 
 /// The fake API server. Stops when dropped.
@@ -152,7 +152,7 @@ impl FakeKube {
                 open_watches: 0,
             }),
             signals,
-            versions: versions.iter().map(|v| v.to_string()).collect(),
+            versions: Mutex::new(versions.iter().map(|v| v.to_string()).collect()),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
@@ -276,6 +276,13 @@ impl FakeKube {
             "DELETED",
             object,
         );
+    }
+
+    /// Serves PeerAuthentication in `versions` from now on, as after an Istio upgrade that
+    /// adds or drops a version; requests to a version no longer served get `404`.
+    pub fn serve_versions(&self, versions: &[&str]) {
+        *self.shared.versions.lock().expect("versions") =
+            versions.iter().map(|v| v.to_string()).collect();
     }
 
     /// The Events created so far.
@@ -452,7 +459,7 @@ fn route(
     body: &Bytes,
 ) -> Response<Body> {
     let parts: Vec<&str> = seen.path.trim_matches('/').split('/').collect();
-    let versions = &shared.versions;
+    let versions = &shared.versions.lock().expect("versions").clone();
     match (method, parts.as_slice()) {
         (&Method::GET, ["api"]) => json_response(
             200,
