@@ -3,7 +3,7 @@
 //!
 //! - [`discovery`] picks `security.istio.io/v1` where the API server serves it, `v1beta1`
 //!   otherwise.
-//! - [`policies`] watches PeerAuthentication in all namespaces with kube-runtime's watcher:
+//! - `policies` watches PeerAuthentication in all namespaces with kube-runtime's watcher:
 //!   list, watch from the list's resourceVersion, relist after `410 Gone`, backoff on errors.
 //!   The first complete list makes the source synced (`/readyz`); while the API server cannot
 //!   be reached the policies known last stay in force.
@@ -11,7 +11,7 @@
 //!   watch per namespace that has such pods.
 //! - [`events`] posts a Kubernetes Event on a PeerAuthentication whose annotation is ignored,
 //!   once per object version and problem.
-//! - [`state`] is the one writer of the snapshot channel that all of them feed.
+//! - `state` is the one writer of the snapshot channel that all of them feed.
 
 pub mod backoff;
 pub mod discovery;
