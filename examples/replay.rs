@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -28,6 +27,7 @@ use alpn_xds::config::{Cli, Command};
 use alpn_xds::dump::listeners_from_json;
 use alpn_xds::relay::listeners::LISTENER_TYPE;
 use alpn_xds::testkit::upstream::{Snapshot, TestUpstream};
+use clap::Parser;
 
 const EMBEDDED_DUMP: &str =
     include_str!("../testdata/istio/istio-1.19-permissive-istio-authz-testdata.json");
@@ -78,17 +78,19 @@ async fn main() -> anyhow::Result<()> {
     // The relay, as `alpn-xds serve` runs it, with the policy in a folder of its own.
     let policy_dir = tempfile::tempdir()?;
     std::fs::write(policy_dir.path().join("policy.yaml"), policy)?;
-    // Parsed as the command line is, so that every other flag keeps its default.
     let cli = Cli::try_parse_from([
-        "alpn-xds".into(),
-        "serve".into(),
-        "--listen=127.0.0.1:0".into(),
-        "--admin=127.0.0.1:0".into(),
-        format!("--upstream={}", upstream.url()).into(),
-        "--policy-dir".into(),
-        policy_dir.path().as_os_str().to_owned(),
-    ] as [std::ffi::OsString; 7])?;
-    let Command::Serve(args) = cli.command;
+        "alpn-xds".as_ref(),
+        "serve".as_ref(),
+        "--listen=127.0.0.1:0".as_ref(),
+        "--admin=127.0.0.1:0".as_ref(),
+        "--plaintext".as_ref(),
+        format!("--upstream={}", upstream.url()).as_ref(),
+        "--policy-dir".as_ref(),
+        policy_dir.path().as_os_str(),
+    ])?;
+    let Command::Serve(args) = cli.command else {
+        anyhow::bail!("the arguments above are those of serve");
+    };
     let relay = app::start(&args).await?;
 
     // The sidecar's side: one LDS request, as Envoy sends it.

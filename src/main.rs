@@ -7,6 +7,10 @@ use alpn_xds::config::{Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // `explain` is a one-shot report: what it finds goes into its output, not into logs.
+    if let Command::Explain(args) = &cli.command {
+        return alpn_xds::explain::run(args);
+    }
     init_logging(cli.log_format);
 
     let runtime = match tokio::runtime::Runtime::new() {
@@ -19,6 +23,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => alpn_xds::app::serve(args).await,
+            Command::Explain(_) => unreachable!("explain returns before the runtime starts"),
         }
     });
 

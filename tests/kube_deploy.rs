@@ -135,7 +135,9 @@ fn the_deployment_agrees_with_the_binary() {
     let mut argv = vec!["alpn-xds"];
     argv.extend(strings(&container["args"]));
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    let Command::Serve(args) = cli.command;
+    let Command::Serve(args) = cli.command else {
+        panic!("{argv:?} is not serve");
+    };
     let known_env = known_env_names();
     for env in container["env"].as_array().expect("env") {
         let name = env["name"].as_str().expect("env name");
@@ -145,11 +147,8 @@ fn the_deployment_agrees_with_the_binary() {
         args.policy_dir.is_none(),
         "the Kubernetes API is the source"
     );
-    assert!(
-        args.upstream.ends_with("istiod.istio-system.svc:15010"),
-        "{}",
-        args.upstream
-    );
+    assert_eq!(args.upstream, "https://istiod.istio-system.svc:15012");
+    assert!(!args.plaintext);
     assert!(args.pod_labels && args.events);
 
     // Ports: the container's named ports are the ones the binary listens on.
@@ -216,6 +215,30 @@ fn the_deployment_agrees_with_the_binary() {
     let key = args.tls_key.expect("--tls-key");
     assert_eq!(cert, Path::new(dir).join("tls.crt"));
     assert_eq!(key, Path::new(dir).join("tls.key"));
+
+    // The upstream CA is the mesh root istiod publishes in every namespace.
+    let upstream_ca = args.upstream_ca.expect("--upstream-ca");
+    let ca_volume = spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["configMap"]["name"] == "istio-ca-root-cert")
+        .expect("a volume of istio-ca-root-cert");
+    let ca_mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == ca_volume["name"])
+        .expect("istio-ca-root-cert is mounted");
+    let ca_dir = ca_mount["mountPath"].as_str().expect("mountPath");
+    assert_eq!(upstream_ca, Path::new(ca_dir).join("root-cert.pem"));
+    let grace = spec["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    assert!(
+        grace > args.drain_window.as_secs(),
+        "killed before the drain ends"
+    );
 
     // The service account is the one the role is bound to.
     let account = spec["serviceAccountName"]
@@ -391,15 +414,9 @@ async fn the_relay_serves_tls_with_the_given_certificate() {
     std::fs::write(&cert, &pki.server.cert_pem).expect("write cert");
     std::fs::write(&key, &pki.server.key_pem).expect("write key");
     let policies = tempfile::tempdir().expect("policy folder");
-    let args = [
-        "--policy-dir".into(),
-        policies.path().as_os_str().to_owned(),
-        "--tls-cert".into(),
-        cert.as_os_str().to_owned(),
-        "--tls-key".into(),
-        key.as_os_str().to_owned(),
-    ];
-    let relay = RelayProcess::start_with(&mesh.upstream.url(), &args).await;
+    let (cert, key) = (cert.to_str().expect("UTF-8"), key.to_str().expect("UTF-8"));
+    let args = ["--tls-cert", cert, "--tls-key", key];
+    let relay = RelayProcess::start_with(&mesh.upstream.url(), policies.path(), &args).await;
 
     // A client trusting the CA completes the handshake and gets gRPC's h2.
     let port = relay.listen().port();

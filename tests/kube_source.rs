@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use alpn_xds::metrics::Metrics;
 use alpn_xds::policy::Workload;
 use alpn_xds::relay::node::ProxyIdentity;
 use alpn_xds::relay::workload_for;
@@ -43,7 +44,7 @@ impl Source {
         };
         options.pod_linger = Duration::from_millis(300);
         Self {
-            source: KubeSource::start(client, &options),
+            source: KubeSource::start(client, &options, Arc::new(Metrics::new())),
             _dir: dir,
         }
     }

@@ -38,6 +38,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/debug/proxies", get(proxies))
         .route("/debug/policies", get(policies))
         .with_state(relay)
@@ -62,9 +63,24 @@ pub async fn serve(
         .map_err(AdminError::Serve)
 }
 
+async fn metrics(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        relay.metrics.encode(relay.cache.len()),
+    )
+}
+
 async fn readyz(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     let snapshot = relay.policies.borrow().clone();
-    if snapshot.synced {
+    if relay.draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".to_string(),
+        )
+    } else if snapshot.synced {
         (
             StatusCode::OK,
             format!("ready: policies from {}\n", snapshot.origin),

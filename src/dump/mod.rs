@@ -5,9 +5,10 @@
 //!
 //! The conversion keeps everything that decides which filter chain a connection lands on and
 //! what the chain does with TLS: addresses, listener filters, every `filter_chain_match` field,
-//! filter names and payload types, the `DownstreamTlsContext`. It does not claim more: payloads
-//! of other types (Istio's own extensions among them) keep their type URL and lose their
-//! content, and every such loss is listed in the listener's notes.
+//! filter names and payload types, the `DownstreamTlsContext`, and whether an HTTP connection
+//! manager accepts HTTP/1.0. It does not claim more: payloads of other types (Istio's own
+//! extensions among them) keep their type URL and lose their content, and every such loss is
+//! listed in the listener's notes.
 
 mod json;
 mod listener;
@@ -99,34 +100,51 @@ impl DumpError {
 /// warming state; draining listeners are skipped. A listener Envoy rejected carries a note with
 /// Envoy's error, and when it has no active state its rejected configuration is given instead.
 /// Listeners come out in document order; an empty array or dump section gives none.
+///
+/// The first listener that cannot be read fails the whole dump; [`read_listeners`] keeps going.
 pub fn listeners_from_json(text: &str) -> Result<Vec<DumpedListener>, DumpError> {
+    read_listeners(text)?.into_iter().collect()
+}
+
+/// Like [`listeners_from_json`], but a listener that cannot be read gives its own error, in its
+/// place in document order, and the others are still read. The outer error is for a document
+/// that is not JSON, is none of the accepted shapes, or whose enclosing structure (the config
+/// dump's sections, its listener lists) is malformed.
+pub fn read_listeners(text: &str) -> Result<Vec<Result<DumpedListener, DumpError>>, DumpError> {
     let document: Value = serde_json::from_str(text).map_err(DumpError::Syntax)?;
     let root = Node::root(&document);
+    let mut out = Vec::new();
     match &document {
-        Value::Array(_) => root
-            .array()?
-            .iter()
-            .map(|node| convert(node, None, vec![]))
-            .collect(),
-        Value::Object(map) if map.contains_key("configs") => config_dump(&root),
+        Value::Array(_) => {
+            for node in root.array()? {
+                out.push(convert(&node, None, vec![]));
+            }
+        }
+        Value::Object(map) if map.contains_key("configs") => config_dump(&root, &mut out)?,
         Value::Object(_) => {
             let mut fields = root.object("document")?;
             let type_name = fields.type_url()?.unwrap_or_default();
             if type_name.ends_with("ListenersConfigDump") || is_listeners_config_dump(&fields) {
-                listeners_config_dump(&root)
+                listeners_config_dump(&root, &mut out)?;
             } else if type_name.ends_with(".Listener") || is_listener(&fields) {
-                Ok(vec![convert(&root, None, vec![])?])
+                out.push(convert(&root, None, vec![]));
             } else {
-                Err(DumpError::UnknownDocument {
+                return Err(DumpError::UnknownDocument {
                     keys: fields.unread().join(", "),
-                })
+                });
             }
         }
-        other => Err(DumpError::UnknownDocument {
-            keys: format!("none, it is {}", kind(other)),
-        }),
+        other => {
+            return Err(DumpError::UnknownDocument {
+                keys: format!("none, it is {}", kind(other)),
+            });
+        }
     }
+    Ok(out)
 }
+
+/// What [`read_listeners`] collects: each listener, or why it could not be read.
+type Collected = Vec<Result<DumpedListener, DumpError>>;
 
 fn kind(value: &Value) -> &'static str {
     match value {
@@ -180,23 +198,22 @@ fn convert(
     })
 }
 
-fn config_dump(root: &Node<'_>) -> Result<Vec<DumpedListener>, DumpError> {
+fn config_dump(root: &Node<'_>, out: &mut Collected) -> Result<(), DumpError> {
     let mut fields = root.object("ConfigDump")?;
     let configs = fields.require("configs")?;
     let mut sections = Vec::new();
     let mut found = false;
-    let mut listeners = Vec::new();
     for section in configs.array()? {
         let type_url = section.object("Any")?.type_url()?.unwrap_or_default();
         if type_url.ends_with("ListenersConfigDump") {
             found = true;
-            listeners.extend(listeners_config_dump(&section)?);
+            listeners_config_dump(&section, out)?;
         } else if type_url.ends_with("ListenersConfigDump.DynamicListener") {
             found = true;
-            listeners.extend(dynamic_listener(&section)?);
+            entry(&section, out, dynamic_listener);
         } else if type_url.ends_with("ListenersConfigDump.StaticListener") {
             found = true;
-            listeners.extend(static_listener(&section)?);
+            entry(&section, out, static_listener);
         } else {
             sections.push(type_url.rsplit('/').next().unwrap_or_default().to_owned());
         }
@@ -206,20 +223,35 @@ fn config_dump(root: &Node<'_>) -> Result<Vec<DumpedListener>, DumpError> {
             sections: sections.join(", "),
         });
     }
-    Ok(listeners)
+    Ok(())
 }
 
-fn listeners_config_dump(node: &Node<'_>) -> Result<Vec<DumpedListener>, DumpError> {
+/// Reads one entry of a listener list with `read`; an error stays with the entry, named by the
+/// entry's `name` when the listener's own name was not read.
+fn entry(
+    node: &Node<'_>,
+    out: &mut Collected,
+    read: fn(&Node<'_>) -> Result<Vec<DumpedListener>, DumpError>,
+) {
+    match read(node) {
+        Ok(listeners) => out.extend(listeners.into_iter().map(Ok)),
+        Err(error) => {
+            let name = node.value.get("name").and_then(Value::as_str);
+            out.push(Err(error.in_listener(name.unwrap_or_default())));
+        }
+    }
+}
+
+fn listeners_config_dump(node: &Node<'_>, out: &mut Collected) -> Result<(), DumpError> {
     let mut fields = node.object("ListenersConfigDump")?;
-    let mut listeners = Vec::new();
     if let Some(node) = fields.get("static_listeners")? {
         for item in node.array()? {
-            listeners.extend(static_listener(&item)?);
+            entry(&item, out, static_listener);
         }
     }
     if let Some(node) = fields.get("dynamic_listeners")? {
         for item in node.array()? {
-            listeners.extend(dynamic_listener(&item)?);
+            entry(&item, out, dynamic_listener);
         }
     }
     // The v2alpha dump kept one list per state.
@@ -229,18 +261,23 @@ fn listeners_config_dump(node: &Node<'_>) -> Result<Vec<DumpedListener>, DumpErr
     ] {
         if let Some(node) = fields.get(name)? {
             for item in node.array()? {
-                listeners.extend(listener_state(&item, state)?);
+                match listener_state(&item, state) {
+                    Ok(listener) => out.extend(listener.map(Ok)),
+                    Err(error) => out.push(Err(error)),
+                }
             }
         }
     }
-    Ok(listeners)
+    Ok(())
 }
 
-fn static_listener(node: &Node<'_>) -> Result<Option<DumpedListener>, DumpError> {
+fn static_listener(node: &Node<'_>) -> Result<Vec<DumpedListener>, DumpError> {
     let mut fields = node.object("StaticListener")?;
     match fields.get("listener")? {
-        Some(listener) => convert(&listener, None, vec!["static listener".to_owned()]).map(Some),
-        None => Ok(None),
+        Some(listener) => {
+            convert(&listener, None, vec!["static listener".to_owned()]).map(|l| vec![l])
+        }
+        None => Ok(vec![]),
     }
 }
 

@@ -702,3 +702,42 @@ fn documents_of_other_shapes_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn read_listeners_keeps_going_past_a_listener_that_cannot_be_read() {
+    let names = |read: Vec<Result<DumpedListener, DumpError>>| -> Vec<Result<String, String>> {
+        read.into_iter()
+            .map(|r| r.map(|l| l.name).map_err(|e| e.to_string()))
+            .collect()
+    };
+
+    let list = json!([{"name": "a"}, {"name": "b", "filterChains": {}}, {"name": "c"}]);
+    let read = names(read_listeners(&list.to_string()).unwrap());
+    assert_eq!(read[0], Ok("a".to_owned()));
+    let error = read[1].as_ref().unwrap_err();
+    assert!(
+        error.starts_with("listener \"b\" at [1].filterChains"),
+        "{error}"
+    );
+    assert_eq!(read[2], Ok("c".to_owned()));
+
+    // In a config dump, an entry whose own fields are wrong is named by the entry's name.
+    let dump = json!({"configs": [{"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+        "dynamic_listeners": [
+            {"name": "bad", "active_state": {"version_info": 7, "listener": {"name": "bad"}}},
+            {"name": "good", "active_state": {"listener": {"name": "good"}}}]}]});
+    let read = names(read_listeners(&dump.to_string()).unwrap());
+    let error = read[0].as_ref().unwrap_err();
+    assert!(
+        error.starts_with(
+            "listener \"bad\" at configs[0].dynamic_listeners[0].active_state.version_info"
+        ),
+        "{error}"
+    );
+    assert_eq!(read[1], Ok("good".to_owned()));
+    assert!(listeners_from_json(&dump.to_string()).is_err());
+
+    // The document itself still fails as a whole.
+    assert!(read_listeners("[").is_err());
+    assert!(read_listeners(r#"{"configs": {}}"#).is_err());
+}

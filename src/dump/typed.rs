@@ -2,6 +2,7 @@
 //! to their v3 spelling, and the few payloads the chain classification looks into encoded for
 //! real. Every other type, Istio's own included, keeps its type URL with an empty payload.
 
+use envoy_types::pb::envoy::config::core::v3::Http1ProtocolOptions;
 use envoy_types::pb::envoy::extensions::filters::listener::{
     http_inspector::v3::HttpInspector, original_dst::v3::OriginalDst,
     tls_inspector::v3::TlsInspector,
@@ -235,10 +236,24 @@ fn http_connection_manager(
     if let Some(node) = fields.get("codec_type")? {
         hcm.codec_type = node.enumeration("CodecType", CodecType::from_str_name)?;
     }
+    // Whether HTTP/1.0 is served decides what a client gets on an added `http/1.0`.
+    if let Some(node) = fields.get("http_protocol_options")? {
+        let mut options = node.object("Http1ProtocolOptions")?;
+        let mut http1 = Http1ProtocolOptions::default();
+        if let Some(node) = options.get("accept_http_10")? {
+            http1.accept_http_10 = node.bool()?;
+        }
+        options.finish(notes);
+        hcm.http_protocol_options = Some(http1);
+    }
     partial(
         &HttpConnectionManager::full_name(),
         &fields,
-        &["stat_prefix", "codec_type"],
+        &[
+            "stat_prefix",
+            "codec_type",
+            "http_protocol_options.accept_http_10",
+        ],
         notes,
     );
     Ok(hcm)
@@ -329,8 +344,8 @@ mod tests {
             Some(ClusterSpecifier::Cluster("inbound|9080||".into()))
         );
 
-        let doc =
-            serde_json::json!({"codec_type": "HTTP2", "stat_prefix": "s", "route_config": {}});
+        let doc = serde_json::json!({"codec_type": "HTTP2", "stat_prefix": "s", "route_config": {},
+            "httpProtocolOptions": {"acceptHttp10": true, "defaultHostForHttp10": "h"}});
         let mut notes = Notes::default();
         let any = legacy_config(
             "envoy.filters.network.http_connection_manager",
@@ -341,6 +356,10 @@ mod tests {
         .unwrap();
         let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
         assert_eq!(hcm.codec_type, CodecType::Http2 as i32);
+        assert_eq!(
+            hcm.http_protocol_options.map(|o| o.accept_http_10),
+            Some(true)
+        );
         assert!(
             notes
                 .finish()

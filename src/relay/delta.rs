@@ -26,6 +26,7 @@ use super::stream::{self, Decision, decide};
 use super::upstream::delta_path;
 use super::versions::{is_relay_nonce, relay_nonce, relay_version, upstream_version};
 use super::{HEALTH_INFO_TYPE, Relay};
+use crate::metrics::{Metrics, PushReason, StreamGauge};
 use crate::rewrite::RewritePlan;
 use crate::source::PolicySnapshot;
 use crate::wire::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -50,7 +51,8 @@ pub async fn serve(
         .filter_map({
             let shared = shared.clone();
             let entry = entry.clone();
-            move |frame| future::ready(on_request(&shared, &entry, frame))
+            let metrics = relay.metrics.clone();
+            move |frame| future::ready(on_request(&shared, &entry, &metrics, frame))
         });
     let upstream = stream::open_upstream(
         &relay,
@@ -68,6 +70,7 @@ pub async fn serve(
         registration: accepted.registration,
         shared,
         tx,
+        _gauge: accepted.gauge,
     };
     tokio::spawn(forwarder.run(upstream).instrument(accepted.span));
     Ok(Response::new(ReceiverStream::new(rx)))
@@ -122,6 +125,7 @@ struct Forwarder {
     shared: Arc<Shared>,
     policies: watch::Receiver<Arc<PolicySnapshot>>,
     tx: mpsc::Sender<Result<Frame<DeltaDiscoveryResponse>, Status>>,
+    _gauge: StreamGauge,
 }
 
 impl Forwarder {
@@ -131,6 +135,7 @@ impl Forwarder {
 
     async fn run(mut self, mut upstream: Streaming<Frame<DeltaDiscoveryResponse>>) {
         let mut policies_open = true;
+        let mut clock = self.relay.stream_clock(self.entry().stream_id);
         loop {
             let sent = tokio::select! {
                 biased;
@@ -138,6 +143,9 @@ impl Forwarder {
                     debug!("the sidecar went away; closing its istiod stream");
                     return;
                 }
+                // Ending the response stream closes the sidecar's stream with status OK, and
+                // dropping istiod's stream cancels it.
+                _ = clock.wait() => return,
                 () = self.shared.fallback.notified() => self.send_fallback().await,
                 changed = self.policies.changed(), if policies_open => {
                     if changed.is_err() {
@@ -193,7 +201,7 @@ impl Forwarder {
                 }
                 frame.msg_mut().resources = listeners.iter().map(|l| l.sent().clone()).collect();
             }
-            log_lds(&frame, &listeners, PushOrigin::Istiod);
+            log_lds(&self.relay.metrics, &frame, &listeners, PushOrigin::Istiod);
 
             let mut envelope = frame.msg().clone();
             envelope.resources = Vec::new();
@@ -237,6 +245,9 @@ impl Forwarder {
             .state()
             .upstream_nonces
             .insert(type_url, msg.nonce.clone());
+        self.relay
+            .metrics
+            .response(XdsForm::Delta, &msg.type_url, PushOrigin::Istiod);
         self.entry().record_push(
             &msg.type_url,
             PushOrigin::Istiod,
@@ -250,7 +261,7 @@ impl Forwarder {
     /// Sends the listeners whose rewrite a policy change alters, and only those.
     async fn on_policy_change(&mut self) -> bool {
         match self.render_policy_change() {
-            Some(frame) => self.send_own(frame).await,
+            Some(frame) => self.send_own(frame, PushReason::Policy).await,
             None => true,
         }
     }
@@ -307,7 +318,7 @@ impl Forwarder {
         drop(state);
 
         let frame = Frame::new(response);
-        log_lds(&frame, &changed, PushOrigin::Relay);
+        log_lds(&self.relay.metrics, &frame, &changed, PushOrigin::Relay);
         self.record_decision(decision, all);
         Some(frame)
     }
@@ -315,7 +326,7 @@ impl Forwarder {
     /// Sends istiod's own version of the listeners whose rewrite Envoy rejected.
     async fn send_fallback(&mut self) -> bool {
         match self.render_fallback() {
-            Some(frame) => self.send_own(frame).await,
+            Some(frame) => self.send_own(frame, PushReason::Fallback).await,
             None => true,
         }
     }
@@ -356,8 +367,12 @@ impl Forwarder {
         Some(Frame::new(response))
     }
 
-    async fn send_own(&self, frame: Frame<DeltaDiscoveryResponse>) -> bool {
+    async fn send_own(&self, frame: Frame<DeltaDiscoveryResponse>, reason: PushReason) -> bool {
         let msg = frame.msg();
+        self.relay
+            .metrics
+            .response(XdsForm::Delta, &msg.type_url, PushOrigin::Relay);
+        self.relay.metrics.relay_push(XdsForm::Delta, reason);
         self.entry().record_push(
             &msg.type_url,
             PushOrigin::Relay,
@@ -386,6 +401,7 @@ impl Forwarder {
 }
 
 fn log_lds(
+    metrics: &Metrics,
     frame: &Frame<DeltaDiscoveryResponse>,
     listeners: &[Arc<RewrittenListener>],
     origin: PushOrigin,
@@ -395,6 +411,7 @@ fn log_lds(
         .filter(|l| l.changed())
         .map(|l| l.name.as_str())
         .collect();
+    metrics.listeners_rewritten(XdsForm::Delta, rewritten.len());
     info!(
         ?origin,
         nonce = %frame.msg().nonce,
@@ -410,6 +427,7 @@ fn log_lds(
 fn on_request(
     shared: &Shared,
     entry: &ProxyEntry,
+    metrics: &Metrics,
     mut frame: Frame<DeltaDiscoveryRequest>,
 ) -> Option<Frame<DeltaDiscoveryRequest>> {
     if frame.msg().type_url == HEALTH_INFO_TYPE {
@@ -436,6 +454,13 @@ fn on_request(
     let subscription_change =
         !msg.resource_names_subscribe.is_empty() || !msg.resource_names_unsubscribe.is_empty();
     entry.record_answer(&msg.type_url, &nonce, "", &msg.error_detail);
+    if nack {
+        metrics.rejection(
+            XdsForm::Delta,
+            &msg.type_url,
+            super::sotw::origin_of(&nonce),
+        );
+    }
 
     let mut state = shared.state();
     if is_relay_nonce(&nonce) {

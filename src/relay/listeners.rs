@@ -8,6 +8,7 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -16,6 +17,7 @@ use serde::Serialize;
 use tracing::{debug, warn};
 
 use super::versions;
+use crate::metrics::Metrics;
 use crate::rewrite::{self, ListenerRewrite, RewritePlan};
 use crate::wire;
 
@@ -75,11 +77,20 @@ struct CacheKey {
 pub struct ListenerCache {
     entries: DashMap<CacheKey, Arc<RewrittenListener>>,
     sweep_at: AtomicUsize,
+    metrics: Arc<Metrics>,
 }
 
 const MIN_SWEEP: usize = 1024;
 
 impl ListenerCache {
+    /// An empty cache that reports rewrite times to `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
     /// Rewrites one Listener resource, wrapped as `envelope`, under `plan`.
     pub fn rewrite(
         &self,
@@ -98,10 +109,12 @@ impl ListenerCache {
 
         // The cache keeps a copy of its own: `resource` is a view of a whole receive buffer.
         let input = Bytes::copy_from_slice(resource);
+        let started = Instant::now();
         let result = Arc::new(match envelope {
             Envelope::Any => rewrite_any(plan, input.clone()),
             Envelope::Resource => rewrite_resource(plan, input.clone()),
         });
+        self.metrics.rewrite_took(started.elapsed());
         let key = CacheKey {
             envelope,
             plan: plan.clone(),

@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod delta;
 pub mod lds;
+pub mod lifecycle;
 pub mod listeners;
 pub mod node;
 pub mod registry;
@@ -18,8 +19,11 @@ pub mod versions;
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
 use crate::policy::{EffectivePolicy, Workload};
 use crate::rewrite::RewritePlan;
 use crate::source::{PodTracker, PolicySnapshot};
@@ -63,12 +67,16 @@ pub enum RelayError {
 pub struct Limits {
     /// Largest ADS message accepted or sent, in bytes.
     pub max_message_size: usize,
+    /// Streams older than this (±10%) are ended so that the sidecar reconnects, possibly to
+    /// another replica; `None` keeps them.
+    pub max_stream_age: Option<Duration>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_stream_age: None,
         }
     }
 }
@@ -88,6 +96,10 @@ pub struct Relay {
     pub limits: Limits,
     /// Follows the live labels of connected proxies' pods, when the source can.
     pub pod_tracker: Option<Arc<dyn PodTracker>>,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Serving or draining.
+    pub lifecycle: watch::Sender<lifecycle::Lifecycle>,
 }
 
 impl Relay {
@@ -96,15 +108,42 @@ impl Relay {
         upstream: Upstream,
         policies: watch::Receiver<Arc<PolicySnapshot>>,
         limits: Limits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             upstream,
             policies,
-            cache: ListenerCache::default(),
+            cache: ListenerCache::new(metrics.clone()),
             registry: Arc::default(),
             limits,
             pod_tracker: None,
+            metrics,
+            lifecycle: watch::Sender::new(lifecycle::Lifecycle::Serving),
         }
+    }
+
+    /// Ends every stream within `window`, each at its own moment.
+    pub fn drain(&self, window: Duration) {
+        let until = tokio::time::Instant::now() + window;
+        self.lifecycle
+            .send_replace(lifecycle::Lifecycle::Draining { until });
+    }
+
+    /// Whether the relay is shutting down.
+    pub fn draining(&self) -> bool {
+        matches!(
+            *self.lifecycle.borrow(),
+            lifecycle::Lifecycle::Draining { .. }
+        )
+    }
+
+    /// The clock that ends stream `stream_id` at its maximum age or during a drain.
+    pub fn stream_clock(&self, stream_id: u64) -> lifecycle::StreamClock {
+        lifecycle::StreamClock::new(
+            self.lifecycle.subscribe(),
+            self.limits.max_stream_age,
+            stream_id,
+        )
     }
 
     /// The same relay, following pod labels through `tracker`.

@@ -26,6 +26,7 @@ use super::stream::{self, Decision, decide};
 use super::upstream::sotw_path;
 use super::versions::{is_relay_nonce, relay_nonce, relay_version, upstream_version};
 use super::{HEALTH_INFO_TYPE, Relay};
+use crate::metrics::{Metrics, PushReason, StreamGauge};
 use crate::rewrite::RewritePlan;
 use crate::source::PolicySnapshot;
 use crate::wire::{DiscoveryRequest, DiscoveryResponse};
@@ -51,7 +52,8 @@ pub async fn serve(
         .filter_map({
             let shared = shared.clone();
             let entry = entry.clone();
-            move |frame| future::ready(on_request(&shared, &entry, frame))
+            let metrics = relay.metrics.clone();
+            move |frame| future::ready(on_request(&shared, &entry, &metrics, frame))
         });
     let upstream = stream::open_upstream(
         &relay,
@@ -69,6 +71,7 @@ pub async fn serve(
         registration: accepted.registration,
         shared,
         tx,
+        _gauge: accepted.gauge,
     };
     tokio::spawn(forwarder.run(upstream).instrument(accepted.span));
     Ok(Response::new(ReceiverStream::new(rx)))
@@ -132,6 +135,7 @@ struct Forwarder {
     shared: Arc<Shared>,
     policies: watch::Receiver<Arc<PolicySnapshot>>,
     tx: mpsc::Sender<Result<Frame<DiscoveryResponse>, Status>>,
+    _gauge: StreamGauge,
 }
 
 impl Forwarder {
@@ -141,6 +145,7 @@ impl Forwarder {
 
     async fn run(mut self, mut upstream: Streaming<Frame<DiscoveryResponse>>) {
         let mut policies_open = true;
+        let mut clock = self.relay.stream_clock(self.entry().stream_id);
         loop {
             let sent = tokio::select! {
                 biased;
@@ -148,6 +153,9 @@ impl Forwarder {
                     debug!("the sidecar went away; closing its istiod stream");
                     return;
                 }
+                // Ending the response stream closes the sidecar's stream with status OK, and
+                // dropping istiod's stream cancels it.
+                _ = clock.wait() => return,
                 () = self.shared.fallback.notified() => self.send_fallback().await,
                 changed = self.policies.changed(), if policies_open => {
                     if changed.is_err() {
@@ -202,7 +210,7 @@ impl Forwarder {
                 }
                 frame.msg_mut().resources = resources.clone();
             }
-            log_lds(&frame, &listeners, PushOrigin::Istiod);
+            log_lds(&self.relay.metrics, &frame, &listeners, PushOrigin::Istiod);
 
             let mut envelope = frame.msg().clone();
             envelope.resources = Vec::new();
@@ -225,6 +233,10 @@ impl Forwarder {
             .state()
             .upstream_nonces
             .insert(type_url, msg.nonce.clone());
+        let form = XdsForm::StateOfTheWorld;
+        self.relay
+            .metrics
+            .response(form, &msg.type_url, PushOrigin::Istiod);
         self.entry().record_push(
             &msg.type_url,
             PushOrigin::Istiod,
@@ -239,7 +251,7 @@ impl Forwarder {
     /// proxy, and sends them under the relay's own nonce and version.
     async fn on_policy_change(&mut self) -> bool {
         match self.render_policy_change() {
-            Some(frame) => self.send_own(frame).await,
+            Some(frame) => self.send_own(frame, PushReason::Policy).await,
             None => true,
         }
     }
@@ -287,7 +299,7 @@ impl Forwarder {
         drop(state);
 
         let frame = Frame::new(response);
-        log_lds(&frame, &listeners, PushOrigin::Relay);
+        log_lds(&self.relay.metrics, &frame, &listeners, PushOrigin::Relay);
         self.record_decision(decision, listeners);
         Some(frame)
     }
@@ -295,7 +307,7 @@ impl Forwarder {
     /// Sends istiod's latest listeners unchanged, after Envoy rejected a rewrite of them.
     async fn send_fallback(&mut self) -> bool {
         match self.render_fallback() {
-            Some(frame) => self.send_own(frame).await,
+            Some(frame) => self.send_own(frame, PushReason::Fallback).await,
             None => true,
         }
     }
@@ -332,8 +344,14 @@ impl Forwarder {
         Some(Frame::new(response))
     }
 
-    async fn send_own(&self, frame: Frame<DiscoveryResponse>) -> bool {
+    async fn send_own(&self, frame: Frame<DiscoveryResponse>, reason: PushReason) -> bool {
         let msg = frame.msg();
+        self.relay
+            .metrics
+            .response(XdsForm::StateOfTheWorld, &msg.type_url, PushOrigin::Relay);
+        self.relay
+            .metrics
+            .relay_push(XdsForm::StateOfTheWorld, reason);
         self.entry().record_push(
             &msg.type_url,
             PushOrigin::Relay,
@@ -361,7 +379,17 @@ impl Forwarder {
     }
 }
 
+/// Who made the response that `nonce` answers.
+pub(super) fn origin_of(nonce: &str) -> PushOrigin {
+    if is_relay_nonce(nonce) {
+        PushOrigin::Relay
+    } else {
+        PushOrigin::Istiod
+    }
+}
+
 fn log_lds(
+    metrics: &Metrics,
     frame: &Frame<DiscoveryResponse>,
     listeners: &[Arc<RewrittenListener>],
     origin: PushOrigin,
@@ -371,6 +399,7 @@ fn log_lds(
         .filter(|l| l.changed())
         .map(|l| l.name.as_str())
         .collect();
+    metrics.listeners_rewritten(XdsForm::StateOfTheWorld, rewritten.len());
     info!(
         ?origin,
         nonce = %frame.msg().nonce,
@@ -386,6 +415,7 @@ fn log_lds(
 fn on_request(
     shared: &Shared,
     entry: &ProxyEntry,
+    metrics: &Metrics,
     mut frame: Frame<DiscoveryRequest>,
 ) -> Option<Frame<DiscoveryRequest>> {
     let msg = frame.msg();
@@ -400,6 +430,10 @@ fn on_request(
         &msg.version_info,
         &msg.error_detail,
     );
+    if !msg.error_detail.is_empty() {
+        let origin = origin_of(&msg.response_nonce);
+        metrics.rejection(XdsForm::StateOfTheWorld, &msg.type_url, origin);
+    }
 
     let mut state = shared.state();
     let nack = !msg.error_detail.is_empty();

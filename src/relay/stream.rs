@@ -17,6 +17,7 @@ use super::node::ProxyIdentity;
 use super::registry::{ProxyEntry, Registration, XdsForm};
 use super::upstream::{error_chain, forwarded_metadata};
 use super::{Relay, plan_for, workload_for};
+use crate::metrics::StreamGauge;
 use crate::policy::EffectivePolicy;
 use crate::rewrite::RewritePlan;
 
@@ -32,6 +33,8 @@ pub struct Accepted<Req> {
     pub downstream: Streaming<Frame<Req>>,
     /// The sidecar's request metadata.
     pub metadata: MetadataMap,
+    /// Counts the stream in the metrics while it lives.
+    pub gauge: StreamGauge,
 }
 
 /// Waits for the first request of a sidecar stream, reads who is calling and registers it.
@@ -53,6 +56,7 @@ pub async fn accept<Req: Message + Default>(
     })?;
 
     let registration = relay.registry.register(identity, form);
+    let gauge = relay.metrics.stream_opened(form);
     let entry = registration.entry();
     let span = info_span!(
         "stream",
@@ -67,6 +71,7 @@ pub async fn accept<Req: Message + Default>(
         first,
         downstream,
         metadata,
+        gauge,
     })
 }
 
@@ -88,6 +93,7 @@ where
         .instrument(span.clone())
         .await
         .map_err(|e| {
+            relay.metrics.upstream_error();
             warn!(parent: span, error = %e, "cannot reach istiod");
             Status::unavailable(e.to_string())
         })?;

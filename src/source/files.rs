@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{PolicySnapshot, PolicyWatch, SourceError};
+use crate::metrics::{Metrics, Outcome};
 use crate::policy::{PeerAuthentication, PolicyError, PolicySet, parse_yaml};
 
 /// How long the folder must be quiet after a change before it is read again, so that an editor's
@@ -169,21 +170,28 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
 pub fn watch_dir(
     dir: &Path,
     root_namespace: &str,
+    metrics: Arc<Metrics>,
 ) -> Result<(watch::Sender<Arc<PolicySnapshot>>, PolicyWatch), SourceError> {
     let mut source = FolderSource::new(dir, root_namespace);
     let first = source
-        .read()?
+        .read()
+        .inspect_err(|_| metrics.policy_reload(Outcome::Error))?
         .unwrap_or_else(|| PolicySnapshot::empty(root_namespace, &dir.display().to_string()));
     let (writer, reader) = watch::channel(Arc::new(first));
 
     let span = info_span!("policy_dir", dir = %dir.display());
-    tokio::spawn(follow(source, writer.clone()).instrument(span));
+    metrics.policy_reload(Outcome::Ok);
+    tokio::spawn(follow(source, writer.clone(), metrics).instrument(span));
     Ok((writer, reader))
 }
 
 /// Re-reads the folder whenever the file system reports a change in it (and every [`RESCAN`]),
 /// until every receiver of `writer` is gone.
-async fn follow(mut source: FolderSource, writer: watch::Sender<Arc<PolicySnapshot>>) {
+async fn follow(
+    mut source: FolderSource,
+    writer: watch::Sender<Arc<PolicySnapshot>>,
+    metrics: Arc<Metrics>,
+) {
     let (tx, mut changes) = mpsc::channel::<()>(1);
     let watcher = start_watcher(&source.dir, tx);
     if watcher.is_none() {
@@ -205,10 +213,12 @@ async fn follow(mut source: FolderSource, writer: watch::Sender<Arc<PolicySnapsh
 
         match source.read() {
             Ok(Some(snapshot)) => {
+                metrics.policy_reload(Outcome::Ok);
                 writer.send_replace(Arc::new(snapshot));
             }
             Ok(None) => debug!("policy folder re-read; nothing changed"),
             Err(error) => {
+                metrics.policy_reload(Outcome::Error);
                 warn!(%error, "cannot re-read the policy folder; keeping the last policies")
             }
         }

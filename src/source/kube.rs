@@ -34,6 +34,7 @@ pub use backoff::BackoffPolicy;
 pub use pods::PodWatcher;
 
 use super::{PodTracker, PolicySnapshot, PolicyWatch, SourceError};
+use crate::metrics::Metrics;
 use state::Publisher;
 
 /// How the Kubernetes source behaves.
@@ -111,9 +112,9 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    /// Starts watching through `client`; returns at once, unsynced. Must run inside a Tokio
-    /// runtime.
-    pub fn start(client: Client, options: &KubeOptions) -> Self {
+    /// Starts watching through `client`; returns at once, unsynced. Complete lists and
+    /// failed requests count in `metrics` as policy reads. Must run inside a Tokio runtime.
+    pub fn start(client: Client, options: &KubeOptions, metrics: Arc<Metrics>) -> Self {
         let (writer, policies) = watch::channel(Arc::new(PolicySnapshot::empty(
             &options.root_namespace,
             "kubernetes (not listed yet)",
@@ -126,7 +127,7 @@ impl KubeSource {
         ));
 
         let mut tasks = vec![AbortOnDrop(tokio::spawn(
-            policies::follow(client.clone(), publisher.clone(), options.backoff)
+            policies::follow(client.clone(), publisher.clone(), options.backoff, metrics)
                 .instrument(info_span!("peer_authentication")),
         ))];
         if options.events {

@@ -69,6 +69,8 @@ pub struct Bootstrap {
     pub api: AdsApi,
     /// gRPC metadata on every ADS stream, as pilot-agent adds its bearer token and cluster id.
     pub initial_metadata: Vec<(String, String)>,
+    /// TLS to the xDS server: the CA (PEM) its certificate chains to and the name it must carry.
+    pub xds_tls: Option<(String, String)>,
 }
 
 impl Bootstrap {
@@ -91,6 +93,7 @@ impl Bootstrap {
                 ("authorization".to_owned(), "Bearer test-token".to_owned()),
                 ("clusterid".to_owned(), "Kubernetes".to_owned()),
             ],
+            xds_tls: None,
         }
     }
 
@@ -105,6 +108,44 @@ impl Bootstrap {
             .iter()
             .map(|(key, value)| json!({"key": key, "value": value}))
             .collect();
+        let mut xds_cluster = json!({
+            "name": "xds-grpc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "xds-grpc",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                    "socket_address": {
+                        "address": self.xds.ip().to_string(),
+                        "port_value": self.xds.port(),
+                    }
+                }}}]}],
+            },
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+        });
+        if let Some((ca_pem, name)) = &self.xds_tls {
+            xds_cluster["transport_socket"] = json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": name,
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2"],
+                        "validation_context": {
+                            "trusted_ca": {"inline_string": ca_pem},
+                            "match_typed_subject_alt_names": [
+                                {"san_type": "DNS", "matcher": {"exact": name}}
+                            ],
+                        },
+                    },
+                },
+            });
+        }
         let bootstrap = json!({
             "node": {"id": self.node_id, "cluster": self.cluster, "metadata": self.metadata},
             "dynamic_resources": {
@@ -126,28 +167,7 @@ impl Bootstrap {
                 "lds_config": {"ads": {}, "resource_api_version": "V3"},
                 "cds_config": {"ads": {}, "resource_api_version": "V3"},
             },
-            "static_resources": {
-                "clusters": [{
-                    "name": "xds-grpc",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": "xds-grpc",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                            "socket_address": {
-                                "address": self.xds.ip().to_string(),
-                                "port_value": self.xds.port(),
-                            }
-                        }}}]}],
-                    },
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                }],
-            },
+            "static_resources": {"clusters": [xds_cluster]},
             "admin": {
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
             },

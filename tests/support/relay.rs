@@ -31,27 +31,30 @@ impl RelayProcess {
     /// Runs `alpn-xds serve` in front of `upstream` (`http://…`) reading policies from
     /// `policy_dir`, and waits until its admin says it is healthy and ready.
     pub async fn start(upstream: &str, policy_dir: &Path) -> Self {
-        let source = [OsString::from("--policy-dir"), policy_dir.into()];
-        Self::start_with(upstream, &source).await
+        Self::start_with(upstream, policy_dir, &["--plaintext"]).await
     }
 
-    /// Runs `alpn-xds serve` in front of `upstream` reading policies from the Kubernetes API
-    /// of `kubeconfig`, retrying that API at least every second, and waits until it is healthy
-    /// and ready (its first complete list is done).
+    /// Like [`RelayProcess::start`], with `args` in place of `--plaintext`.
+    pub async fn start_with(upstream: &str, policy_dir: &Path, args: &[&str]) -> Self {
+        let source = [OsString::from("--policy-dir"), policy_dir.into()];
+        Self::spawn(upstream, &source, args).await
+    }
+
+    /// Runs `alpn-xds serve` (plaintext) in front of `upstream` reading policies from the
+    /// Kubernetes API of `kubeconfig`, retrying that API at least every second, and waits
+    /// until it is healthy and ready (its first complete list is done).
     pub async fn start_kube(upstream: &str, kubeconfig: &Path) -> Self {
         let source = [
             OsString::from("--kubeconfig"),
             kubeconfig.into(),
-            "--kube-backoff-max".into(),
-            "1".into(),
-            "--pod-watch-linger".into(),
-            "1".into(),
+            "--kube-backoff-max=1s".into(),
+            "--pod-watch-linger=1s".into(),
         ];
-        Self::start_with(upstream, &source).await
+        Self::spawn(upstream, &source, &["--plaintext"]).await
     }
 
-    /// Runs `alpn-xds serve` with `source_args` choosing the policy source.
-    pub async fn start_with(upstream: &str, source_args: &[OsString]) -> Self {
+    /// Runs `alpn-xds serve` with `source` choosing the policy source, then `args`.
+    async fn spawn(upstream: &str, source: &[OsString], args: &[&str]) -> Self {
         let [listen_port, admin_port] = free_ports::<2>();
         let (listen, admin) = (loopback(listen_port), loopback(admin_port));
         let dir = tempfile::Builder::new()
@@ -65,8 +68,9 @@ impl RelayProcess {
             .arg("serve")
             .args(["--listen", &listen.to_string()])
             .args(["--upstream", upstream])
-            .args(source_args)
+            .args(source)
             .args(["--admin", &admin.to_string()])
+            .args(args)
             .env("ALPN_XDS_LOG", "info,alpn_xds=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
@@ -115,6 +119,25 @@ impl RelayProcess {
         assert_eq!(reply.status, 200, "alpn-xds admin {path}: {}", reply.body);
         serde_json::from_str(&reply.body)
             .unwrap_or_else(|e| panic!("alpn-xds admin {path} is not JSON ({e}): {}", reply.body))
+    }
+
+    /// Sends SIGTERM, as Kubernetes does before it stops a pod.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        wait_until("alpn-xds to exit", timeout, || {
+            let status = child.try_wait().expect("wait for alpn-xds");
+            async move { status }
+        })
+        .await
     }
 
     /// The relay's log so far.

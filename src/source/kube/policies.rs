@@ -23,17 +23,24 @@ use tracing::{debug, info, warn};
 use super::backoff::{Backoff, BackoffPolicy};
 use super::discovery;
 use super::state::{ObjectKey, Publisher};
+use crate::metrics::{Metrics, Outcome};
 
 /// A relist sooner than this after the previous one waits a backoff first.
 pub(super) const RELIST_QUIET: Duration = Duration::from_secs(60);
 
 /// Runs discovery and the watch until the task is aborted.
-pub(super) async fn follow(client: Client, publisher: Arc<Publisher>, policy: BackoffPolicy) {
+pub(super) async fn follow(
+    client: Client,
+    publisher: Arc<Publisher>,
+    policy: BackoffPolicy,
+    metrics: Arc<Metrics>,
+) {
     let mut backoff = Backoff::new(policy);
     loop {
         let resource = match discovery::peer_authentication(&client).await {
             Ok(resource) => resource,
             Err(error) => {
+                metrics.policy_reload(Outcome::Error);
                 let delay = backoff.next_delay();
                 warn!(%error, retry_in = ?delay, "cannot find PeerAuthentication in the API");
                 tokio::time::sleep(delay).await;
@@ -42,7 +49,7 @@ pub(super) async fn follow(client: Client, publisher: Arc<Publisher>, policy: Ba
         };
         info!(api_version = %resource.api_version, "watching PeerAuthentication in all namespaces");
         publisher.set_api_version(&resource.api_version);
-        watch(&client, &resource, &publisher, &mut backoff).await;
+        watch(&client, &resource, &publisher, &mut backoff, &metrics).await;
         // Not served any more: look again, after a pause so that a server that keeps
         // answering 404 is not asked in a tight loop.
         tokio::time::sleep(backoff.next_delay()).await;
@@ -63,6 +70,7 @@ async fn watch(
     resource: &ApiResource,
     publisher: &Publisher,
     backoff: &mut Backoff,
+    metrics: &Metrics,
 ) {
     let mut last_relist: Option<Instant> = None;
     loop {
@@ -79,6 +87,9 @@ async fn watch(
             match event {
                 Ok(event) => {
                     backoff.reset();
+                    if matches!(event, Event::InitDone) {
+                        metrics.policy_reload(Outcome::Ok);
+                    }
                     apply(event, &mut listing, publisher);
                 }
                 Err(error) => match restart_for(&error) {
@@ -87,6 +98,7 @@ async fn watch(
                         break restart;
                     }
                     None => {
+                        metrics.policy_reload(Outcome::Error);
                         let delay = backoff.next_delay();
                         warn!(
                             %error,
