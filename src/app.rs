@@ -17,6 +17,7 @@ use crate::config::ServeArgs;
 use crate::metrics::Metrics;
 use crate::relay::upstream::UpstreamTls;
 use crate::relay::{AdsServer, Limits, Relay, Upstream};
+use crate::source::kube::{self, KubeOptions, KubeSource};
 use crate::source::{PolicySnapshot, PolicyWatch, files};
 use crate::tls;
 
@@ -34,6 +35,8 @@ pub struct RunningRelay {
     pub relay: Arc<Relay>,
     /// Writes new policy snapshots; the relay's streams read them.
     pub policy_writer: watch::Sender<Arc<PolicySnapshot>>,
+    /// The Kubernetes source, when policies come from the API; its watches stop with it.
+    _kube_source: Option<KubeSource>,
     stop_accepting: watch::Sender<bool>,
     stop_admin: watch::Sender<bool>,
     stop_server: watch::Sender<bool>,
@@ -80,14 +83,21 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
     info!(config = ?args, "starting alpn-xds");
     let metrics = Arc::new(Metrics::new());
 
-    // Policies first: a relay that cannot decide must not accept sidecars.
-    let Some(dir) = &args.policy_dir else {
-        bail!(
-            "no policy source: pass --policy-dir (the Kubernetes API source is not built into this version)"
-        );
+    // Policies first. A folder must read before the relay accepts sidecars; the Kubernetes
+    // source starts unsynced, and /readyz says so until its first complete list.
+    let (policy_writer, policies, kube_source) = match &args.policy_dir {
+        Some(dir) => {
+            let (writer, policies) =
+                files::watch_dir(dir, &args.root_namespace, metrics.clone())
+                    .with_context(|| format!("loading policies from {}", dir.display()))?;
+            (writer, policies, None)
+        }
+        None => {
+            let client = kube::client(args.kubeconfig.as_deref()).await?;
+            let source = KubeSource::start(client, &kube_options(args), metrics.clone());
+            (source.writer.clone(), source.policies.clone(), Some(source))
+        }
     };
-    let (policy_writer, policies) = files::watch_dir(dir, &args.root_namespace, metrics.clone())
-        .with_context(|| format!("loading policies from {}", dir.display()))?;
     tokio::spawn(
         observe_policies(policies.clone(), metrics.clone()).instrument(info_span!("policies")),
     );
@@ -98,7 +108,11 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         max_message_size: args.max_message_size,
         max_stream_age: Some(args.max_connection_age).filter(|age| !age.is_zero()),
     };
-    let relay = Arc::new(Relay::new(upstream, policies, limits, metrics));
+    let mut relay = Relay::new(upstream, policies, limits, metrics);
+    if let Some(tracker) = kube_source.as_ref().and_then(KubeSource::tracker) {
+        relay = relay.with_pod_tracker(tracker);
+    }
+    let relay = Arc::new(relay);
 
     let admin_listener = admin::bind(args.admin).await?;
     let xds_listener = TcpListener::bind(args.listen)
@@ -159,12 +173,24 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
         admin_addr,
         relay,
         policy_writer,
+        _kube_source: kube_source,
         stop_accepting,
         stop_admin,
         stop_server,
         xds,
         admin,
     })
+}
+
+/// The Kubernetes source's options from the flags.
+fn kube_options(args: &ServeArgs) -> KubeOptions {
+    let mut options = KubeOptions::new(&args.root_namespace, &args.pod_name);
+    options.pod_labels = args.pod_labels;
+    options.events = args.events;
+    options.pod_linger = args.pod_watch_linger;
+    options.backoff.max = args.kube_backoff_max.max(Duration::from_millis(100));
+    options.backoff.initial = options.backoff.initial.min(options.backoff.max);
+    options
 }
 
 fn upstream_tls(args: &ServeArgs) -> anyhow::Result<Option<UpstreamTls>> {

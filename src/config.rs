@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::relay::DEFAULT_MAX_MESSAGE_SIZE;
@@ -93,6 +93,55 @@ pub struct ServeArgs {
     /// Read PeerAuthentication YAML from this folder instead of the Kubernetes API.
     #[arg(long, env = "ALPN_XDS_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
+
+    /// Kubeconfig file for the Kubernetes API. Without it: `KUBECONFIG`, `~/.kube/config`,
+    /// then the pod's service account. Ignored with `--policy-dir`.
+    #[arg(long, env = "ALPN_XDS_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Follow the live labels of connected proxies' pods, as current istiod does (needs get,
+    /// list and watch on pods); `false` judges workloads by their node metadata's labels.
+    #[arg(
+        long,
+        env = "ALPN_XDS_POD_LABELS",
+        default_value_t = true,
+        action = ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub pod_labels: bool,
+
+    /// How long a namespace's pod watch stays after the last proxy of the namespace left.
+    #[arg(
+        long,
+        env = "ALPN_XDS_POD_WATCH_LINGER",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    pub pod_watch_linger: Duration,
+
+    /// Post Kubernetes Events on PeerAuthentication objects whose annotation is ignored
+    /// (needs create on events.k8s.io events).
+    #[arg(
+        long,
+        env = "ALPN_XDS_EVENTS",
+        default_value_t = true,
+        action = ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub events: bool,
+
+    /// This replica's name in the Events it posts; the pod name in a Deployment.
+    #[arg(long, env = "ALPN_XDS_POD_NAME", default_value = "alpn-xds")]
+    pub pod_name: String,
+
+    /// Longest wait between retries against an unreachable or failing Kubernetes API.
+    #[arg(
+        long,
+        env = "ALPN_XDS_KUBE_BACKOFF_MAX",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    pub kube_backoff_max: Duration,
 
     /// Address of the admin HTTP endpoints (/healthz, /readyz, /debug/*).
     #[arg(long, env = "ALPN_XDS_ADMIN", default_value = "0.0.0.0:15014")]
@@ -225,6 +274,31 @@ mod tests {
         assert_eq!(args.admin.port(), 15014);
         assert_eq!(args.root_namespace, "istio-system");
         assert_eq!(args.policy_dir, Some(PathBuf::from("/p")));
+        assert!(args.pod_labels && args.events);
+        assert_eq!(args.kubeconfig, None);
+    }
+
+    #[test]
+    fn kubernetes_flags() {
+        let cli = Cli::try_parse_from([
+            "alpn-xds",
+            "serve",
+            "--kubeconfig",
+            "/k",
+            "--pod-labels=false",
+            "--events",
+            "false",
+            "--kube-backoff-max",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected");
+        };
+        assert_eq!(args.kubeconfig, Some(PathBuf::from("/k")));
+        assert!(!args.pod_labels && !args.events);
+        assert_eq!(args.kube_backoff_max, Duration::from_secs(2));
+        assert_eq!(args.policy_dir, None);
     }
 
     #[test]

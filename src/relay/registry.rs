@@ -187,6 +187,7 @@ impl ProxyRegistry {
         Registration {
             registry: self.clone(),
             entry,
+            pod_guard: None,
         }
     }
 
@@ -208,11 +209,21 @@ impl ProxyRegistry {
     }
 }
 
-/// Keeps a stream in the registry for as long as it lives.
-#[derive(Debug)]
+/// Keeps a stream in the registry, and its pod's labels followed, for as long as it lives.
 pub struct Registration {
     registry: Arc<ProxyRegistry>,
     entry: Arc<ProxyEntry>,
+    /// The policy source's guard for following this proxy's pod, when it follows pods.
+    pub pod_guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("entry", &self.entry.stream_id)
+            .field("pod_followed", &self.pod_guard.is_some())
+            .finish()
+    }
 }
 
 impl Registration {

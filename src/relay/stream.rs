@@ -55,7 +55,12 @@ pub async fn accept<Req: Message + Default>(
         Status::invalid_argument(format!("the first request's node cannot be read: {e}"))
     })?;
 
-    let registration = relay.registry.register(identity, form);
+    let mut registration = relay.registry.register(identity, form);
+    // The pod's live labels are followed for as long as its stream lives.
+    registration.pod_guard = relay.pod_tracker.as_ref().and_then(|tracker| {
+        let workload = registration.entry().identity.workload.as_ref()?;
+        Some(tracker.track(&workload.namespace, &workload.name))
+    });
     let gauge = relay.metrics.stream_opened(form);
     let entry = registration.entry();
     let span = info_span!(

@@ -4,6 +4,7 @@
 //! the latest snapshot when it needs a decision.
 
 pub mod files;
+pub mod kube;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +34,31 @@ pub enum SourceError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// No Kubernetes client configuration could be loaded.
+    #[error("cannot load the Kubernetes client configuration from {origin}: {reason}")]
+    KubeConfig {
+        /// Where it was looked for: a kubeconfig path, or the places tried.
+        origin: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A request to the Kubernetes API failed.
+    #[error("Kubernetes API request failed ({what}): {source}")]
+    KubeRequest {
+        /// What was asked.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Box<::kube::Error>,
+    },
+    /// The API server does not serve a resource the source needs.
+    #[error("the Kubernetes API does not serve {resource}: {reason}")]
+    NotServed {
+        /// The resource, `plural.group`.
+        resource: String,
+        /// What discovery found instead.
+        reason: String,
     },
 }
 

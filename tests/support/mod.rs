@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod certs;
 pub mod envoy;
+pub mod fake_kube;
 pub mod http;
 pub mod mesh;
 pub mod relay;

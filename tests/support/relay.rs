@@ -2,6 +2,7 @@
 //! folder, on free loopback ports. Killed when dropped; a test that panics while it runs gets
 //! the end of its log on stderr.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -35,6 +36,25 @@ impl RelayProcess {
 
     /// Like [`RelayProcess::start`], with `args` in place of `--plaintext`.
     pub async fn start_with(upstream: &str, policy_dir: &Path, args: &[&str]) -> Self {
+        let source = [OsString::from("--policy-dir"), policy_dir.into()];
+        Self::spawn(upstream, &source, args).await
+    }
+
+    /// Runs `alpn-xds serve` (plaintext) in front of `upstream` reading policies from the
+    /// Kubernetes API of `kubeconfig`, retrying that API at least every second, and waits
+    /// until it is healthy and ready (its first complete list is done).
+    pub async fn start_kube(upstream: &str, kubeconfig: &Path) -> Self {
+        let source = [
+            OsString::from("--kubeconfig"),
+            kubeconfig.into(),
+            "--kube-backoff-max=1s".into(),
+            "--pod-watch-linger=1s".into(),
+        ];
+        Self::spawn(upstream, &source, &["--plaintext"]).await
+    }
+
+    /// Runs `alpn-xds serve` with `source` choosing the policy source, then `args`.
+    async fn spawn(upstream: &str, source: &[OsString], args: &[&str]) -> Self {
         let [listen_port, admin_port] = free_ports::<2>();
         let (listen, admin) = (loopback(listen_port), loopback(admin_port));
         let dir = tempfile::Builder::new()
@@ -48,8 +68,7 @@ impl RelayProcess {
             .arg("serve")
             .args(["--listen", &listen.to_string()])
             .args(["--upstream", upstream])
-            .arg("--policy-dir")
-            .arg(policy_dir)
+            .args(source)
             .args(["--admin", &admin.to_string()])
             .args(args)
             .env("ALPN_XDS_LOG", "info,alpn_xds=debug")
