@@ -82,10 +82,20 @@ struct CacheKey {
 pub struct ListenerCache {
     entries: DashMap<CacheKey, Arc<RewrittenListener>>,
     sweep_at: AtomicUsize,
+    /// Bytes of istiod's listeners and their rewrites held by the entries.
+    bytes: AtomicUsize,
+    /// `bytes` at which the next sweep runs.
+    sweep_at_bytes: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
 const MIN_SWEEP: usize = 1024;
+
+/// The cache is also swept when it holds this many bytes (or twice what the live entries
+/// hold, if more). Counting entries alone let 1024 stale listeners of a big mesh (300 KiB to
+/// MiBs each, one per istiod push) stay in memory: found by `tests/faults.rs`, where the
+/// relay's RSS grew by the size of every version istiod pushed.
+const MIN_SWEEP_BYTES: usize = 8 * 1024 * 1024;
 
 impl ListenerCache {
     /// An empty cache that reports rewrite times to `metrics`.
@@ -125,7 +135,14 @@ impl ListenerCache {
             plan: plan.clone(),
             input,
         };
-        let result = self.entries.entry(key).or_insert(result).clone();
+        let result = match self.entries.entry(key) {
+            dashmap::Entry::Occupied(hit) => hit.get().clone(),
+            dashmap::Entry::Vacant(slot) => {
+                self.bytes
+                    .fetch_add(entry_bytes(&result), Ordering::Relaxed);
+                slot.insert(result).clone()
+            }
+        };
         self.maybe_sweep();
         result
     }
@@ -146,15 +163,29 @@ impl ListenerCache {
         let live = self.entries.len();
         self.sweep_at
             .store((live * 2).max(MIN_SWEEP), Ordering::Relaxed);
+        let live_bytes: usize = self.entries.iter().map(|e| entry_bytes(e.value())).sum();
+        self.bytes.store(live_bytes, Ordering::Relaxed);
+        self.sweep_at_bytes
+            .store((live_bytes * 2).max(MIN_SWEEP_BYTES), Ordering::Relaxed);
         debug!(live, "swept the listener cache");
     }
 
     fn maybe_sweep(&self) {
         let threshold = self.sweep_at.load(Ordering::Relaxed).max(MIN_SWEEP);
-        if self.entries.len() >= threshold {
+        let threshold_bytes = self
+            .sweep_at_bytes
+            .load(Ordering::Relaxed)
+            .max(MIN_SWEEP_BYTES);
+        if self.entries.len() >= threshold || self.bytes.load(Ordering::Relaxed) >= threshold_bytes
+        {
             self.sweep();
         }
     }
+}
+
+/// What an entry holds: istiod's bytes (shared by the key and the entry) and the rewrite.
+fn entry_bytes(listener: &RewrittenListener) -> usize {
+    listener.input.len() + listener.output.as_ref().map_or(0, Bytes::len)
 }
 
 /// A state-of-the-world LDS resource: a `google.protobuf.Any` holding a Listener.
