@@ -14,7 +14,9 @@ use alpn_xds::testkit::upstream::{LISTENER_TYPE_URL, Snapshot, TestUpstream};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use prost::Message;
@@ -92,10 +94,7 @@ async fn open_sotw(
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4);
     let first = DiscoveryRequest {
-        node: Some(Node {
-            id: format!("sidecar~127.0.0.1~web-{id}.shop~shop.svc.cluster.local"),
-            ..Default::default()
-        }),
+        node: Some(node(id)),
         type_url: LISTENER_TYPE_URL.to_string(),
         ..Default::default()
     };
@@ -107,28 +106,85 @@ async fn open_sotw(
     Ok((tx, responses))
 }
 
+/// Which ADS method a minimal sidecar speaks.
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    Sotw,
+    Delta,
+}
+
+/// A minimal sidecar's stream: the versions of the LDS responses it receives. Holding it keeps
+/// the sidecar's side open; dropping it ends the stream.
+struct AdsClient {
+    _requests: Box<dyn std::any::Any + Send>,
+    versions: futures::stream::BoxStream<'static, Result<String, tonic::Status>>,
+}
+
+impl AdsClient {
+    /// Opens a stream of `form` on `channel` as node `web-<id>`, asking for every listener.
+    async fn open(form: Form, channel: Channel, id: usize) -> Result<Self, tonic::Status> {
+        use futures::StreamExt;
+        match form {
+            Form::Sotw => {
+                let (tx, responses) = open_sotw(channel, id).await?;
+                Ok(Self {
+                    _requests: Box::new(tx),
+                    versions: responses.map(|r| r.map(|r| r.version_info)).boxed(),
+                })
+            }
+            Form::Delta => {
+                let mut client = AggregatedDiscoveryServiceClient::new(channel)
+                    .max_decoding_message_size(64 * 1024 * 1024);
+                let (tx, rx) = mpsc::channel(4);
+                let first = DeltaDiscoveryRequest {
+                    node: Some(node(id)),
+                    type_url: LISTENER_TYPE_URL.to_string(),
+                    ..Default::default()
+                };
+                tx.send(first).await.expect("queue the first request");
+                let responses = client
+                    .delta_aggregated_resources(ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                Ok(Self {
+                    _requests: Box::new(tx),
+                    versions: responses.map(|r| r.map(|r| r.system_version_info)).boxed(),
+                })
+            }
+        }
+    }
+
+    /// The next response's version; `None` when the stream ended or failed.
+    async fn next(&mut self) -> Option<String> {
+        use futures::StreamExt;
+        self.versions.next().await.and_then(Result::ok)
+    }
+}
+
+fn node(id: usize) -> Node {
+    Node {
+        id: format!("sidecar~127.0.0.1~web-{id}.shop~shop.svc.cluster.local"),
+        ..Default::default()
+    }
+}
+
 /// What one reading client saw: each version with the time it arrived.
 type Seen = Arc<Mutex<Vec<(String, Instant)>>>;
 
 /// Reads every response of a stream until it ends (or `limit` passes), noting versions.
-fn spawn_reader(
-    mut responses: tonic::Streaming<DiscoveryResponse>,
-    limit: Duration,
-) -> (Seen, tokio::task::JoinHandle<()>) {
+fn spawn_reader(mut client: AdsClient, limit: Duration) -> Seen {
     let seen: Seen = Arc::default();
-    let task = tokio::spawn({
+    tokio::spawn({
         let seen = seen.clone();
         async move {
             let deadline = tokio::time::Instant::now() + limit;
-            while let Ok(Ok(Some(response))) =
-                tokio::time::timeout_at(deadline, responses.message()).await
-            {
+            while let Ok(Some(version)) = tokio::time::timeout_at(deadline, client.next()).await {
                 let now = Instant::now();
-                seen.lock().unwrap().push((response.version_info, now));
+                seen.lock().unwrap().push((version, now));
             }
         }
     });
-    (seen, task)
+    seen
 }
 
 fn has_version(seen: &Seen, version: &str) -> bool {
@@ -252,7 +308,16 @@ async fn istiod_crash_mid_push_delta() {
 const BIG: usize = 300 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sidecar_gone_mid_push_leaves_nothing_behind() {
+async fn sidecar_gone_mid_push_leaves_nothing_behind_sotw() {
+    sidecar_gone_mid_push(Form::Sotw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_gone_mid_push_leaves_nothing_behind_delta() {
+    sidecar_gone_mid_push(Form::Delta).await;
+}
+
+async fn sidecar_gone_mid_push(form: Form) {
     // Load: 8 sidecars that stay, each its own connection; 10 rounds in which a ninth sidecar
     // connects, istiod pushes 8 versions of a 300 KiB listener to all nine, and the ninth goes
     // away while the pushes are on the wire (80 versions, 24 MiB of distinct listeners).
@@ -270,14 +335,16 @@ async fn sidecar_gone_mid_push_leaves_nothing_behind() {
 
     let mut staying = Vec::new();
     for id in 0..STAYING {
-        let (tx, responses) = open_sotw(channel(&relay).await, id).await.expect("stream");
-        let (seen, _task) = spawn_reader(responses, Duration::from_secs(120));
-        staying.push((tx, seen));
+        let client = AdsClient::open(form, channel(&relay).await, id).await;
+        staying.push(spawn_reader(
+            client.expect("stream"),
+            Duration::from_secs(120),
+        ));
     }
     wait_until("every sidecar's first LDS", CONFIG_TIMEOUT, || async {
         staying
             .iter()
-            .all(|(_, seen)| has_version(seen, "v0"))
+            .all(|seen| has_version(seen, "v0"))
             .then_some(())
     })
     .await;
@@ -288,11 +355,11 @@ async fn sidecar_gone_mid_push_leaves_nothing_behind() {
     let mut version = 0;
     let mut rss_after = Vec::new();
     for round in 0..ROUNDS {
-        let (tx, mut responses) = open_sotw(channel(&relay).await, 1000 + round)
+        let mut leaving = AdsClient::open(form, channel(&relay).await, 1000 + round)
             .await
             .expect("the leaving sidecar's stream");
-        let first = tokio::time::timeout(CONFIG_TIMEOUT, responses.message()).await;
-        assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+        let first = tokio::time::timeout(CONFIG_TIMEOUT, leaving.next()).await;
+        assert!(matches!(first, Ok(Some(_))), "{first:?}");
         upstream
             .wait_for("the leaving sidecar's istiod stream", CONFIG_TIMEOUT, |r| {
                 r.streams.iter().filter(|s| s.open).count() == STAYING + 1
@@ -310,7 +377,7 @@ async fn sidecar_gone_mid_push_leaves_nothing_behind() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        drop((tx, responses));
+        drop(leaving);
 
         // Its istiod stream ends, and the relay is back to its baseline of streams and tasks.
         upstream
@@ -337,7 +404,7 @@ async fn sidecar_gone_mid_push_leaves_nothing_behind() {
             || async {
                 staying
                     .iter()
-                    .all(|(_, seen)| has_version(seen, &last))
+                    .all(|seen| has_version(seen, &last))
                     .then_some(())
             },
         )
@@ -361,7 +428,16 @@ async fn sidecar_gone_mid_push_leaves_nothing_behind() {
 // 3. A sidecar stops reading while istiod keeps pushing large listeners.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_that_stops_reading_slows_only_its_istiod_stream() {
+async fn a_sidecar_that_stops_reading_slows_only_its_istiod_stream_sotw() {
+    slow_reader(Form::Sotw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_that_stops_reading_slows_only_its_istiod_stream_delta() {
+    slow_reader(Form::Delta).await;
+}
+
+async fn slow_reader(form: Form) {
     // Load: 4 reading sidecars and 1 that reads its first response and then nothing; istiod
     // pushes 120 versions of a 300 KiB listener, one every 50 ms (36 MiB per stream in all).
     const READING: usize = 4;
@@ -381,17 +457,21 @@ async fn a_sidecar_that_stops_reading_slows_only_its_istiod_stream() {
 
     let mut reading = Vec::new();
     for id in 0..READING {
-        let (tx, responses) = open_sotw(channel(&relay).await, id).await.expect("stream");
-        let (seen, _task) = spawn_reader(responses, Duration::from_secs(120));
-        reading.push((tx, seen));
+        let client = AdsClient::open(form, channel(&relay).await, id).await;
+        reading.push(spawn_reader(
+            client.expect("stream"),
+            Duration::from_secs(120),
+        ));
     }
-    let (_slow_tx, mut slow) = open_sotw(channel(&relay).await, 99).await.expect("stream");
-    let first = tokio::time::timeout(CONFIG_TIMEOUT, slow.message()).await;
-    assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+    let mut slow = AdsClient::open(form, channel(&relay).await, 99)
+        .await
+        .expect("stream");
+    let first = tokio::time::timeout(CONFIG_TIMEOUT, slow.next()).await;
+    assert!(matches!(first, Ok(Some(_))), "{first:?}");
     wait_until("every sidecar's first LDS", CONFIG_TIMEOUT, || async {
         reading
             .iter()
-            .all(|(_, seen)| has_version(seen, "v0"))
+            .all(|seen| has_version(seen, "v0"))
             .then_some(())
     })
     .await;
@@ -420,7 +500,7 @@ async fn a_sidecar_that_stops_reading_slows_only_its_istiod_stream() {
         || async {
             reading
                 .iter()
-                .all(|(_, seen)| has_version(seen, &last))
+                .all(|seen| has_version(seen, &last))
                 .then_some(())
         },
     )
@@ -428,7 +508,7 @@ async fn a_sidecar_that_stops_reading_slows_only_its_istiod_stream() {
 
     // Every reading sidecar got every version, each promptly.
     let mut worst = Duration::ZERO;
-    for (_, seen) in &reading {
+    for seen in &reading {
         let seen = seen.lock().unwrap();
         for (version, at) in &pushed_at {
             let got = seen
@@ -472,12 +552,12 @@ async fn a_sidecar_that_stops_reading_slows_only_its_istiod_stream() {
     // The slow sidecar, reading again, gets istiod's latest version: nothing is lost.
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
     loop {
-        let next = tokio::time::timeout_at(deadline, slow.message()).await;
-        let response = match next {
-            Ok(Ok(Some(response))) => response,
+        let next = tokio::time::timeout_at(deadline, slow.next()).await;
+        let version = match next {
+            Ok(Some(version)) => version,
             other => panic!("the slow sidecar never got {last}: {other:?}"),
         };
-        if response.version_info == last {
+        if version == last {
             break;
         }
     }
