@@ -295,3 +295,40 @@ fn unread(input: Bytes, name: String, error: String) -> RewrittenListener {
         error: Some(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::util::pack_any;
+
+    /// A 1 MiB listener, distinct per `version`, as an encoded `Any`.
+    fn big(version: usize) -> Bytes {
+        let listener = Listener {
+            name: "virtualInbound".to_string(),
+            stat_prefix: format!("v{version}-{}", "p".repeat(1024 * 1024)),
+            ..Default::default()
+        };
+        Bytes::from(pack_any(listener).encode_to_vec())
+    }
+
+    #[test]
+    fn stale_big_listeners_are_swept_by_bytes_not_only_by_count() {
+        let cache = ListenerCache::new(Arc::new(Metrics::new()));
+        let plan = RewritePlan::default();
+        // One listener a stream still holds, then 40 versions nobody keeps.
+        let live = cache.rewrite(Envelope::Any, &plan, &big(0));
+        for version in 1..=40 {
+            cache.rewrite(Envelope::Any, &plan, &big(version));
+        }
+        let held = cache.bytes.load(Ordering::Relaxed);
+        assert!(cache.len() <= 9, "{} entries cached", cache.len());
+        assert!(held <= MIN_SWEEP_BYTES + 1024 * 1024 + 4096, "{held} bytes");
+        cache.sweep();
+        assert_eq!(cache.len(), 1, "only the live listener stays");
+        assert!(Arc::ptr_eq(
+            &live,
+            &cache.rewrite(Envelope::Any, &plan, &big(0))
+        ));
+    }
+}
