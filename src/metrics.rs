@@ -148,6 +148,7 @@ pub struct Metrics {
     policy_document_errors: Gauge,
     policy_reports: Gauge,
     cached_listeners: Gauge,
+    tasks: Gauge,
     rewrite_seconds: Histogram,
 }
 
@@ -174,6 +175,7 @@ impl Metrics {
             policy_document_errors: Gauge::default(),
             policy_reports: Gauge::default(),
             cached_listeners: Gauge::default(),
+            tasks: Gauge::default(),
             // 10 µs to about 0.3 s.
             rewrite_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 16)),
             registry: Registry::default(),
@@ -237,6 +239,11 @@ impl Metrics {
             "cached_listeners",
             "Rewritten listeners held in the shared cache",
             metrics.cached_listeners.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tasks alive in the relay's runtime at scrape time (a leak shows as growth)",
+            metrics.tasks.clone(),
         );
         registry.register(
             "rewrite_duration_seconds",
@@ -332,6 +339,10 @@ impl Metrics {
     /// The metrics in Prometheus' text format, with the cache size as of now.
     pub fn encode(&self, cached_listeners: usize) -> String {
         self.cached_listeners.set(gauge_value(cached_listeners));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tasks
+                .set(gauge_value(runtime.metrics().num_alive_tasks()));
+        }
         let mut text = String::new();
         if let Err(e) = encode(&mut text, &self.registry) {
             text = format!("# encoding the metrics failed: {e}\n");

@@ -82,10 +82,20 @@ struct CacheKey {
 pub struct ListenerCache {
     entries: DashMap<CacheKey, Arc<RewrittenListener>>,
     sweep_at: AtomicUsize,
+    /// Bytes of istiod's listeners and their rewrites held by the entries.
+    bytes: AtomicUsize,
+    /// `bytes` at which the next sweep runs.
+    sweep_at_bytes: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
 const MIN_SWEEP: usize = 1024;
+
+/// The cache is also swept when it holds this many bytes (or twice what the live entries
+/// hold, if more). Counting entries alone let 1024 stale listeners of a big mesh (300 KiB to
+/// MiBs each, one per istiod push) stay in memory: found by `tests/faults.rs`, where the
+/// relay's RSS grew by the size of every version istiod pushed.
+const MIN_SWEEP_BYTES: usize = 8 * 1024 * 1024;
 
 impl ListenerCache {
     /// An empty cache that reports rewrite times to `metrics`.
@@ -125,7 +135,14 @@ impl ListenerCache {
             plan: plan.clone(),
             input,
         };
-        let result = self.entries.entry(key).or_insert(result).clone();
+        let result = match self.entries.entry(key) {
+            dashmap::Entry::Occupied(hit) => hit.get().clone(),
+            dashmap::Entry::Vacant(slot) => {
+                self.bytes
+                    .fetch_add(entry_bytes(&result), Ordering::Relaxed);
+                slot.insert(result).clone()
+            }
+        };
         self.maybe_sweep();
         result
     }
@@ -146,15 +163,29 @@ impl ListenerCache {
         let live = self.entries.len();
         self.sweep_at
             .store((live * 2).max(MIN_SWEEP), Ordering::Relaxed);
+        let live_bytes: usize = self.entries.iter().map(|e| entry_bytes(e.value())).sum();
+        self.bytes.store(live_bytes, Ordering::Relaxed);
+        self.sweep_at_bytes
+            .store((live_bytes * 2).max(MIN_SWEEP_BYTES), Ordering::Relaxed);
         debug!(live, "swept the listener cache");
     }
 
     fn maybe_sweep(&self) {
         let threshold = self.sweep_at.load(Ordering::Relaxed).max(MIN_SWEEP);
-        if self.entries.len() >= threshold {
+        let threshold_bytes = self
+            .sweep_at_bytes
+            .load(Ordering::Relaxed)
+            .max(MIN_SWEEP_BYTES);
+        if self.entries.len() >= threshold || self.bytes.load(Ordering::Relaxed) >= threshold_bytes
+        {
             self.sweep();
         }
     }
+}
+
+/// What an entry holds: istiod's bytes (shared by the key and the entry) and the rewrite.
+fn entry_bytes(listener: &RewrittenListener) -> usize {
+    listener.input.len() + listener.output.as_ref().map_or(0, Bytes::len)
 }
 
 /// A state-of-the-world LDS resource: a `google.protobuf.Any` holding a Listener.
@@ -262,5 +293,42 @@ fn unread(input: Bytes, name: String, error: String) -> RewrittenListener {
         output: None,
         report: None,
         error: Some(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::util::pack_any;
+
+    /// A 1 MiB listener, distinct per `version`, as an encoded `Any`.
+    fn big(version: usize) -> Bytes {
+        let listener = Listener {
+            name: "virtualInbound".to_string(),
+            stat_prefix: format!("v{version}-{}", "p".repeat(1024 * 1024)),
+            ..Default::default()
+        };
+        Bytes::from(pack_any(listener).encode_to_vec())
+    }
+
+    #[test]
+    fn stale_big_listeners_are_swept_by_bytes_not_only_by_count() {
+        let cache = ListenerCache::new(Arc::new(Metrics::new()));
+        let plan = RewritePlan::default();
+        // One listener a stream still holds, then 40 versions nobody keeps.
+        let live = cache.rewrite(Envelope::Any, &plan, &big(0));
+        for version in 1..=40 {
+            cache.rewrite(Envelope::Any, &plan, &big(version));
+        }
+        let held = cache.bytes.load(Ordering::Relaxed);
+        assert!(cache.len() <= 9, "{} entries cached", cache.len());
+        assert!(held <= MIN_SWEEP_BYTES + 1024 * 1024 + 4096, "{held} bytes");
+        cache.sweep();
+        assert_eq!(cache.len(), 1, "only the live listener stays");
+        assert!(Arc::ptr_eq(
+            &live,
+            &cache.rewrite(Envelope::Any, &plan, &big(0))
+        ));
     }
 }

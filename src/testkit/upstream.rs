@@ -29,6 +29,7 @@ use envoy_types::pb::google::protobuf::Any;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument;
 
@@ -134,10 +135,23 @@ pub struct TestUpstream {
 impl TestUpstream {
     /// Starts serving `snapshot` on a free port of 127.0.0.1.
     pub async fn start(snapshot: Snapshot) -> Result<Self, UpstreamError> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| UpstreamError::Bind { addr, source })?;
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), snapshot).await
+    }
+
+    /// Starts serving `snapshot` on `addr`, as istiod coming back on its old address. A port
+    /// that a killed upstream still holds is retried for up to two seconds.
+    pub async fn start_on(addr: SocketAddr, snapshot: Snapshot) -> Result<Self, UpstreamError> {
+        let mut attempts = 0;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(source) => return Err(UpstreamError::Bind { addr, source }),
+            }
+        };
         let addr = listener.local_addr().map_err(UpstreamError::LocalAddr)?;
 
         let shared = Arc::new(Shared::new(snapshot));
@@ -152,7 +166,14 @@ impl TestUpstream {
         };
 
         let (shutdown, stop) = oneshot::channel::<()>();
-        let incoming = TcpListenerStream::new(listener);
+        // Every accepted connection is kept by a second handle, so that `kill` can cut it.
+        let connections = Arc::clone(&shared.connections);
+        let incoming = TcpListenerStream::new(listener).map(move |accepted| {
+            let std_stream = accepted?.into_std()?;
+            let kept = std_stream.try_clone()?;
+            lock(&connections).push(kept);
+            tokio::net::TcpStream::from_std(std_stream)
+        });
         let span = tracing::debug_span!("test_upstream", %addr);
         let server = tokio::spawn(
             async move {
@@ -233,6 +254,18 @@ impl TestUpstream {
             .send_modify(|generation| *generation += 1);
     }
 
+    /// Stops serving at once, as a crashed istiod: the listening socket closes and every
+    /// connection is cut (shut down both ways) in the middle of whatever it was sending.
+    pub fn kill(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.server.abort();
+        for connection in lock(&self.shared.connections).drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// Waits until `condition` holds for the recording, checking after every recorded event.
     /// `what` names the condition in the timeout error.
     pub async fn wait_for(
@@ -261,12 +294,13 @@ impl TestUpstream {
 
 impl Drop for TestUpstream {
     fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
         // Graceful shutdown would wait for clients to hang up; tests want the port gone now.
-        self.server.abort();
+        self.kill();
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// State shared by the server handle and every stream task.
@@ -278,6 +312,8 @@ struct Shared {
     recording: Mutex<Recording>,
     next_stream: AtomicU64,
     next_nonce: AtomicU64,
+    /// A second handle on every accepted connection, for [`TestUpstream::kill`].
+    connections: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl Shared {
@@ -289,6 +325,7 @@ impl Shared {
             recording: Mutex::new(Recording::default()),
             next_stream: AtomicU64::new(1),
             next_nonce: AtomicU64::new(1),
+            connections: Arc::default(),
         }
     }
 
@@ -315,6 +352,7 @@ impl Shared {
             node: None,
             open: true,
             error: None,
+            opened_at: std::time::Instant::now(),
         };
         self.record(|recording| recording.streams.push(opened));
         id

@@ -36,8 +36,20 @@ impl RelayProcess {
 
     /// Like [`RelayProcess::start`], with `args` in place of `--plaintext`.
     pub async fn start_with(upstream: &str, policy_dir: &Path, args: &[&str]) -> Self {
+        let [listen_port] = free_ports::<1>();
+        Self::start_on(loopback(listen_port), upstream, policy_dir, args).await
+    }
+
+    /// Like [`RelayProcess::start_with`], listening for sidecars on `listen`: a relay restarted
+    /// where its predecessor was.
+    pub async fn start_on(
+        listen: SocketAddr,
+        upstream: &str,
+        policy_dir: &Path,
+        args: &[&str],
+    ) -> Self {
         let source = [OsString::from("--policy-dir"), policy_dir.into()];
-        Self::spawn(upstream, &source, args).await
+        Self::spawn(listen, upstream, &source, args).await
     }
 
     /// Runs `alpn-xds serve` (plaintext) in front of `upstream` reading policies from the
@@ -50,13 +62,14 @@ impl RelayProcess {
             "--kube-backoff-max=1s".into(),
             "--pod-watch-linger=1s".into(),
         ];
-        Self::spawn(upstream, &source, &["--plaintext"]).await
+        let [listen_port] = free_ports::<1>();
+        Self::spawn(loopback(listen_port), upstream, &source, &["--plaintext"]).await
     }
 
-    /// Runs `alpn-xds serve` with `source` choosing the policy source, then `args`.
-    async fn spawn(upstream: &str, source: &[OsString], args: &[&str]) -> Self {
-        let [listen_port, admin_port] = free_ports::<2>();
-        let (listen, admin) = (loopback(listen_port), loopback(admin_port));
+    /// Runs `alpn-xds serve` on `listen` with `source` choosing the policy source, then `args`.
+    async fn spawn(listen: SocketAddr, upstream: &str, source: &[OsString], args: &[&str]) -> Self {
+        let [admin_port] = free_ports::<1>();
+        let admin = loopback(admin_port);
         let dir = tempfile::Builder::new()
             .prefix("alpn-xds-")
             .tempdir()
@@ -119,6 +132,28 @@ impl RelayProcess {
         assert_eq!(reply.status, 200, "alpn-xds admin {path}: {}", reply.body);
         serde_json::from_str(&reply.body)
             .unwrap_or_else(|e| panic!("alpn-xds admin {path} is not JSON ({e}): {}", reply.body))
+    }
+
+    /// The process id, for reading `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<relay>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<relay>/status")
+    }
+
+    /// Kills the process with SIGKILL, as an OOM kill or a node loss would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM, as Kubernetes does before it stops a pod.

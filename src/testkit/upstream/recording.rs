@@ -54,6 +54,8 @@ pub struct RecordedStream {
     pub open: bool,
     /// The status the client's side ended with, when it ended with an error.
     pub error: Option<String>,
+    /// When the stream was opened.
+    pub opened_at: std::time::Instant,
 }
 
 /// One request received on a stream.
