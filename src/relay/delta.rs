@@ -14,11 +14,10 @@ use bytes::Bytes;
 use futures::{StreamExt, future};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info};
 
-use super::codec::Frame;
+use super::codec::{Frame, MessageStream, owned};
 use super::lds::{Held, Rejections};
 use super::listeners::{Envelope, LISTENER_TYPE, RewrittenListener};
 use super::registry::{ProxyEntry, PushOrigin, Registration, XdsForm};
@@ -39,7 +38,7 @@ pub type ResponseStream = ReceiverStream<Result<Frame<DeltaDiscoveryResponse>, S
 /// Serves one `DeltaAggregatedResources` call.
 pub async fn serve(
     relay: Arc<Relay>,
-    request: Request<Streaming<Frame<DeltaDiscoveryRequest>>>,
+    request: Request<MessageStream<DeltaDiscoveryRequest>>,
 ) -> Result<Response<ResponseStream>, Status> {
     let accepted = stream::accept(&relay, request, XdsForm::Delta, |r| &r.node).await?;
     let entry = accepted.registration.entry().clone();
@@ -129,7 +128,7 @@ impl Forwarder {
         self.registration.entry()
     }
 
-    async fn run(mut self, mut upstream: Streaming<Frame<DeltaDiscoveryResponse>>) {
+    async fn run(mut self, mut upstream: MessageStream<DeltaDiscoveryResponse>) {
         let mut policies_open = true;
         loop {
             let sent = tokio::select! {
@@ -216,7 +215,7 @@ impl Forwarder {
                     rewritten: Vec::new(),
                 },
             });
-            lds.envelope = envelope;
+            lds.envelope = owned(&envelope);
             lds.last = last;
             for name in &frame.msg().removed_resources {
                 lds.listeners.remove(name);

@@ -14,11 +14,10 @@ use bytes::Bytes;
 use futures::{StreamExt, future};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info};
 
-use super::codec::Frame;
+use super::codec::{Frame, MessageStream, owned};
 use super::lds::{Held, Rejections};
 use super::listeners::{Envelope, LISTENER_TYPE, RewrittenListener};
 use super::registry::{ProxyEntry, PushOrigin, Registration, XdsForm};
@@ -40,7 +39,7 @@ pub type ResponseStream = ReceiverStream<Result<Frame<DiscoveryResponse>, Status
 /// Serves one `StreamAggregatedResources` call.
 pub async fn serve(
     relay: Arc<Relay>,
-    request: Request<Streaming<Frame<DiscoveryRequest>>>,
+    request: Request<MessageStream<DiscoveryRequest>>,
 ) -> Result<Response<ResponseStream>, Status> {
     let accepted = stream::accept(&relay, request, XdsForm::StateOfTheWorld, |r| &r.node).await?;
     let entry = accepted.registration.entry().clone();
@@ -139,7 +138,7 @@ impl Forwarder {
         self.registration.entry()
     }
 
-    async fn run(mut self, mut upstream: Streaming<Frame<DiscoveryResponse>>) {
+    async fn run(mut self, mut upstream: MessageStream<DiscoveryResponse>) {
         let mut policies_open = true;
         loop {
             let sent = tokio::select! {
@@ -207,7 +206,7 @@ impl Forwarder {
             let mut envelope = frame.msg().clone();
             envelope.resources = Vec::new();
             state.lds = Some(Lds {
-                envelope,
+                envelope: owned(&envelope),
                 sent: Sent {
                     nonce: frame.msg().nonce.clone(),
                     origin: PushOrigin::Istiod,
