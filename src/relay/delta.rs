@@ -262,7 +262,10 @@ impl Forwarder {
         let changed: Vec<Arc<RewrittenListener>> = lds
             .listeners
             .values()
-            .map(|l| self.rewrite(&state.rejections, &decision.plan, &l.input))
+            .map(|l| match l.plan_independent() {
+                true => l.clone(),
+                false => self.rewrite(&state.rejections, &decision.plan, &l.input),
+            })
             .filter(|l| lds.sent.get(&l.name) != Some(l.sent()))
             .collect();
         if changed.is_empty() {

@@ -254,7 +254,10 @@ impl Forwarder {
         let listeners: Vec<_> = lds
             .listeners
             .iter()
-            .map(|l| self.rewrite(&state.rejections, &decision.plan, &l.input))
+            .map(|l| match l.plan_independent() {
+                true => l.clone(),
+                false => self.rewrite(&state.rejections, &decision.plan, &l.input),
+            })
             .collect();
         let resources: Vec<Bytes> = listeners.iter().map(|l| l.sent().clone()).collect();
         if resources == lds.sent.resources {
