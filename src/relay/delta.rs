@@ -14,11 +14,10 @@ use bytes::Bytes;
 use futures::{StreamExt, future};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info};
 
-use super::codec::Frame;
+use super::codec::{Frame, MessageStream, owned};
 use super::lds::{Held, Rejections};
 use super::listeners::{Envelope, LISTENER_TYPE, RewrittenListener};
 use super::registry::{ProxyEntry, PushOrigin, Registration, XdsForm};
@@ -40,7 +39,7 @@ pub type ResponseStream = ReceiverStream<Result<Frame<DeltaDiscoveryResponse>, S
 /// Serves one `DeltaAggregatedResources` call.
 pub async fn serve(
     relay: Arc<Relay>,
-    request: Request<Streaming<Frame<DeltaDiscoveryRequest>>>,
+    request: Request<MessageStream<DeltaDiscoveryRequest>>,
 ) -> Result<Response<ResponseStream>, Status> {
     let accepted = stream::accept(&relay, request, XdsForm::Delta, |r| &r.node).await?;
     let entry = accepted.registration.entry().clone();
@@ -133,7 +132,7 @@ impl Forwarder {
         self.registration.entry()
     }
 
-    async fn run(mut self, mut upstream: Streaming<Frame<DeltaDiscoveryResponse>>) {
+    async fn run(mut self, mut upstream: MessageStream<DeltaDiscoveryResponse>) {
         let mut policies_open = true;
         let mut clock = self.relay.stream_clock(self.entry().stream_id);
         loop {
@@ -224,7 +223,7 @@ impl Forwarder {
                     rewritten: Vec::new(),
                 },
             });
-            lds.envelope = envelope;
+            lds.envelope = owned(&envelope);
             lds.last = last;
             for name in &frame.msg().removed_resources {
                 lds.listeners.remove(name);
@@ -274,7 +273,10 @@ impl Forwarder {
         let changed: Vec<Arc<RewrittenListener>> = lds
             .listeners
             .values()
-            .map(|l| self.rewrite(&state.rejections, &decision.plan, &l.input))
+            .map(|l| match l.plan_independent() {
+                true => l.clone(),
+                false => self.rewrite(&state.rejections, &decision.plan, &l.input),
+            })
             .filter(|l| lds.sent.get(&l.name) != Some(l.sent()))
             .collect();
         if changed.is_empty() {

@@ -1,5 +1,5 @@
 //! The gRPC face of the relay: the `AggregatedDiscoveryService` that sidecars call, written
-//! against tonic's server parts so that messages keep their received bytes (see [`super::codec`]).
+//! on HTTP/2 bodies so that messages keep their received bytes (see [`super::codec`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,19 +7,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
-use tonic::codec::Streaming;
-use tonic::server::{Grpc, NamedService};
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
-use super::codec::{Frame, FrameCodec};
+use super::codec::{Frame, MessageStream, Payloads, response_body};
 use super::upstream::{DELTA_PATH, SOTW_PATH};
 use super::{Relay, delta, sotw};
-use crate::wire::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use crate::wire::{DeltaDiscoveryRequest, DiscoveryRequest};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a stream handler answers a call with: its responses to the sidecar, or its refusal.
+type Handled<T> = Result<Response<ReceiverStream<Result<Frame<T>, Status>>>, Status>;
 
 /// The ADS server that sidecars connect to.
 #[derive(Debug, Clone)]
@@ -52,56 +55,48 @@ impl tonic::codegen::Service<http::Request<Body>> for AdsServer {
         match request.uri().path() {
             SOTW_PATH => Box::pin(async move {
                 let limit = relay.limits.max_message_size;
-                let mut grpc =
-                    Grpc::new(FrameCodec::<DiscoveryResponse, DiscoveryRequest>::default())
-                        .max_decoding_message_size(limit)
-                        .max_encoding_message_size(limit);
-                Ok(grpc.streaming(SotwCall(relay), request).await)
+                let request = grpc_request::<DiscoveryRequest>(request, limit);
+                Ok(grpc_response(sotw::serve(relay, request).await, limit))
             }),
             DELTA_PATH => Box::pin(async move {
                 let limit = relay.limits.max_message_size;
-                let mut grpc = Grpc::new(
-                    FrameCodec::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>::default(),
-                )
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(limit);
-                Ok(grpc.streaming(DeltaCall(relay), request).await)
+                let request = grpc_request::<DeltaDiscoveryRequest>(request, limit);
+                Ok(grpc_response(delta::serve(relay, request).await, limit))
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
         }
     }
 }
 
-/// The state-of-the-world method as a tower service, the shape tonic's server parts expect.
-struct SotwCall(Arc<Relay>);
-
-impl tonic::codegen::Service<Request<Streaming<Frame<DiscoveryRequest>>>> for SotwCall {
-    type Response = Response<sotw::ResponseStream>;
-    type Error = Status;
-    type Future = BoxFuture<Result<Self::Response, Status>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Streaming<Frame<DiscoveryRequest>>>) -> Self::Future {
-        Box::pin(sotw::serve(self.0.clone(), request))
-    }
+/// A sidecar's call as the stream handlers take it: its metadata and its requests.
+fn grpc_request<T: Message + Default>(
+    request: http::Request<Body>,
+    max_message_size: usize,
+) -> Request<MessageStream<T>> {
+    let (parts, body) = request.into_parts();
+    Request::from_parts(
+        MetadataMap::from_headers(parts.headers),
+        parts.extensions,
+        MessageStream::new(body, max_message_size),
+    )
 }
 
-/// The incremental method as a tower service.
-struct DeltaCall(Arc<Relay>);
-
-impl tonic::codegen::Service<Request<Streaming<Frame<DeltaDiscoveryRequest>>>> for DeltaCall {
-    type Response = Response<delta::ResponseStream>;
-    type Error = Status;
-    type Future = BoxFuture<Result<Self::Response, Status>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Streaming<Frame<DeltaDiscoveryRequest>>>) -> Self::Future {
-        Box::pin(delta::serve(self.0.clone(), request))
+/// The HTTP response to a sidecar's call: the handler's stream of responses, or its refusal as
+/// a trailers-only response.
+fn grpc_response<T>(handled: Handled<T>, max_message_size: usize) -> http::Response<Body>
+where
+    T: Message + Default + Payloads + Send + 'static,
+{
+    match handled {
+        Ok(response) => {
+            let mut http =
+                http::Response::new(response_body(response.into_inner(), max_message_size));
+            http.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            http
+        }
+        Err(status) => status.into_http(),
     }
 }

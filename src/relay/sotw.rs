@@ -14,11 +14,10 @@ use bytes::Bytes;
 use futures::{StreamExt, future};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info};
 
-use super::codec::Frame;
+use super::codec::{Frame, MessageStream, owned};
 use super::lds::{Held, Rejections};
 use super::listeners::{Envelope, LISTENER_TYPE, RewrittenListener};
 use super::registry::{ProxyEntry, PushOrigin, Registration, XdsForm};
@@ -41,7 +40,7 @@ pub type ResponseStream = ReceiverStream<Result<Frame<DiscoveryResponse>, Status
 /// Serves one `StreamAggregatedResources` call.
 pub async fn serve(
     relay: Arc<Relay>,
-    request: Request<Streaming<Frame<DiscoveryRequest>>>,
+    request: Request<MessageStream<DiscoveryRequest>>,
 ) -> Result<Response<ResponseStream>, Status> {
     let accepted = stream::accept(&relay, request, XdsForm::StateOfTheWorld, |r| &r.node).await?;
     let entry = accepted.registration.entry().clone();
@@ -143,7 +142,7 @@ impl Forwarder {
         self.registration.entry()
     }
 
-    async fn run(mut self, mut upstream: Streaming<Frame<DiscoveryResponse>>) {
+    async fn run(mut self, mut upstream: MessageStream<DiscoveryResponse>) {
         let mut policies_open = true;
         let mut clock = self.relay.stream_clock(self.entry().stream_id);
         loop {
@@ -215,7 +214,7 @@ impl Forwarder {
             let mut envelope = frame.msg().clone();
             envelope.resources = Vec::new();
             state.lds = Some(Lds {
-                envelope,
+                envelope: owned(&envelope),
                 sent: Sent {
                     nonce: frame.msg().nonce.clone(),
                     origin: PushOrigin::Istiod,
@@ -267,7 +266,10 @@ impl Forwarder {
         let listeners: Vec<_> = lds
             .listeners
             .iter()
-            .map(|l| self.rewrite(&state.rejections, &decision.plan, &l.input))
+            .map(|l| match l.plan_independent() {
+                true => l.clone(),
+                false => self.rewrite(&state.rejections, &decision.plan, &l.input),
+            })
             .collect();
         let resources: Vec<Bytes> = listeners.iter().map(|l| l.sent().clone()).collect();
         if resources == lds.sent.resources {

@@ -7,12 +7,12 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
 use http::uri::PathAndQuery;
 use prost::Message;
-use tonic::codec::Streaming;
+use tonic::codegen::Service;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use super::codec::{Frame, FrameCodec};
+use super::codec::{Frame, MessageStream, Payloads, error_status, request_body};
 use super::node::ProxyIdentity;
 use super::registry::{ProxyEntry, Registration, XdsForm};
 use super::upstream::{error_chain, forwarded_metadata};
@@ -30,7 +30,7 @@ pub struct Accepted<Req> {
     /// The first request, which carries the node.
     pub first: Frame<Req>,
     /// The rest of the sidecar's requests.
-    pub downstream: Streaming<Frame<Req>>,
+    pub downstream: MessageStream<Req>,
     /// The sidecar's request metadata.
     pub metadata: MetadataMap,
     /// Counts the stream in the metrics while it lives.
@@ -40,7 +40,7 @@ pub struct Accepted<Req> {
 /// Waits for the first request of a sidecar stream, reads who is calling and registers it.
 pub async fn accept<Req: Message + Default>(
     relay: &Relay,
-    request: Request<Streaming<Frame<Req>>>,
+    request: Request<MessageStream<Req>>,
     form: XdsForm,
     node_of: fn(&Req) -> &Bytes,
 ) -> Result<Accepted<Req>, Status> {
@@ -87,12 +87,12 @@ pub async fn open_upstream<Req, Resp>(
     metadata: &MetadataMap,
     requests: impl Stream<Item = Frame<Req>> + Send + 'static,
     path: PathAndQuery,
-) -> Result<Streaming<Frame<Resp>>, Status>
+) -> Result<MessageStream<Resp>, Status>
 where
-    Req: Message + Default + Send + Sync + 'static,
+    Req: Message + Default + Payloads + Send + Sync + 'static,
     Resp: Message + Default + Send + Sync + 'static,
 {
-    let channel = relay
+    let mut channel = relay
         .upstream
         .connect()
         .instrument(span.clone())
@@ -102,29 +102,44 @@ where
             warn!(parent: span, error = %e, "cannot reach istiod");
             Status::unavailable(e.to_string())
         })?;
-    let mut client = tonic::client::Grpc::new(channel)
-        .max_decoding_message_size(relay.limits.max_message_size)
-        .max_encoding_message_size(relay.limits.max_message_size);
-    client
-        .ready()
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await
         .map_err(|e| Status::unavailable(format!("istiod is not ready: {}", error_chain(&e))))?;
 
-    let mut request = Request::new(requests);
-    *request.metadata_mut() = forwarded_metadata(metadata);
-    let response = client
-        .streaming(request, path, FrameCodec::<Req, Resp>::default())
+    let limit = relay.limits.max_message_size;
+    let mut request = http::Request::new(request_body(requests, limit));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::from(path);
+    *request.headers_mut() = forwarded_metadata(metadata).into_headers();
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+
+    let refused = |status: Status| {
+        info!(parent: span, code = ?status.code(), message = status.message(), "istiod refused the stream");
+        status
+    };
+    let response = channel
+        .call(request)
         .instrument(span.clone())
         .await
-        .inspect_err(|status| {
-            info!(parent: span, code = ?status.code(), message = status.message(), "istiod refused the stream");
-        })?;
-    Ok(response.into_inner())
+        .map_err(|e| refused(Status::unavailable(error_chain(&e))))?;
+    if let Some(status) = error_status(response.headers()) {
+        return Err(refused(status));
+    }
+    if response.status() != http::StatusCode::OK {
+        let status = Status::unknown(format!("istiod answered HTTP {}", response.status()));
+        return Err(refused(status));
+    }
+    Ok(MessageStream::new(response.into_body(), limit))
 }
 
 /// The sidecar's requests after the first, ending at its half-close or its first error.
 pub fn downstream_requests<Req: Message + Default + Send + 'static>(
-    downstream: Streaming<Frame<Req>>,
+    downstream: MessageStream<Req>,
 ) -> impl Stream<Item = Frame<Req>> + Send {
     stream::unfold(downstream, |mut downstream| async move {
         match downstream.message().await {
