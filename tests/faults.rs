@@ -1,4 +1,4 @@
-//! Faults around the relay (issue 7): istiod crashing mid-push and coming back, a sidecar going
+//! Faults around the relay: istiod crashing mid-push and coming back, a sidecar going
 //! away mid-push, a sidecar that stops reading, and a thousand sidecars reconnecting after a
 //! relay restart. Each test states the load it runs under and the bounds it holds the relay to;
 //! the README's "Reliability" table sums them up.
