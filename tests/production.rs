@@ -18,41 +18,11 @@ use support::certs::{Identity, TestPki};
 use support::envoy::{Bootstrap, Envoy};
 use support::mesh::{CONFIG_TIMEOUT, Mesh};
 use support::relay::RelayProcess;
+use support::sidecar::{NAMESPACE_POLICY, WORKLOAD_POLICY};
 use support::tls_client::tls_get;
 use support::wait_until;
 use tokio::net::TcpStream;
 use tokio_stream::wrappers::ReceiverStream;
-
-/// Namespace `shop`, PERMISSIVE, asking for standard ALPNs.
-const NAMESPACE_POLICY: &str = r#"
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata:
-  name: default
-  namespace: shop
-  annotations:
-    http-alpns.aspenmesh.io: "true"
-spec:
-  mtls:
-    mode: PERMISSIVE
-"#;
-
-/// The `app=web` workload of `shop` refusing standard ALPNs.
-const WORKLOAD_POLICY: &str = r#"
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata:
-  name: web
-  namespace: shop
-  annotations:
-    http-alpns.aspenmesh.io: "false"
-spec:
-  selector:
-    matchLabels:
-      app: web
-  mtls:
-    mode: PERMISSIVE
-"#;
 
 /// The name the relay's serving certificate carries, as sidecars address it.
 const RELAY_NAME: &str = "alpn-xds.istio-system.svc";
