@@ -4,17 +4,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::collections::BTreeMap;
+
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use crate::policy::{EffectivePolicy, Workload};
 use crate::relay::Relay;
-use crate::relay::registry::ProxyEntry;
+use crate::relay::listeners::RewrittenListener;
+use crate::relay::registry::{AckRecord, ProxyEntry, PushOrigin, PushRecord, XdsForm};
+use crate::rewrite::{ChainKind, RewritePlan};
 
 /// Errors of the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -96,66 +102,152 @@ async fn readyz(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     }
 }
 
-async fn proxies(State(relay): State<Arc<Relay>>) -> Json<Value> {
-    let proxies: Vec<Value> = relay
-        .registry
-        .snapshot()
+/// `/debug/proxies`: every connected proxy in brief, or with `?node=<node id>` the proxies of
+/// that node in full, each listener and rewritten chain included. The full form of thousands of
+/// proxies would be tens of megabytes built at once, so it is only given for one node.
+async fn proxies(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Response {
+    let node = query.as_deref().and_then(node_filter);
+    let snapshot = relay.registry.snapshot();
+    let proxies: Vec<ProxyView<'_>> = snapshot
         .iter()
-        .map(|entry| proxy_view(entry))
+        .filter(|entry| {
+            node.as_deref()
+                .is_none_or(|id| entry.identity.node_id == id)
+        })
+        .map(|entry| ProxyView::of(entry, node.is_some()))
         .collect();
-    Json(json!({
-        "connected": proxies.len(),
-        "cached_listeners": relay.cache.len(),
-        "proxies": proxies,
-    }))
+    let body = ProxiesView {
+        connected: snapshot.len(),
+        cached_listeners: relay.cache.len(),
+        proxies,
+    };
+    match serde_json::to_vec(&body) {
+        Ok(bytes) => ([(CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }
 
-fn proxy_view(entry: &ProxyEntry) -> Value {
-    let status = entry.status();
-    let rewritten_chains: Vec<Value> = status
-        .listeners
-        .iter()
-        .filter_map(|l| l.report.as_ref())
-        .flat_map(|report| {
-            report
-                .chains
-                .iter()
-                .filter(|c| !c.added.is_empty())
-                .map(move |c| {
-                    json!({
-                        "listener": report.name,
-                        "chain": c.name,
-                        "index": c.index,
-                        "destination_port": c.destination_port,
-                        "kind": c.kind,
-                        "added": c.added,
-                    })
-                })
-        })
-        .collect();
+/// The `node` parameter of a query string, decoded.
+fn node_filter(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "node")
+        .map(|(_, value)| value.into_owned())
+}
 
-    json!({
-        "stream_id": entry.stream_id,
-        "node_id": entry.identity.node_id,
-        "workload": entry.identity.workload,
-        "workload_from": entry.identity.workload_from,
-        "istio_version": entry.identity.istio_version,
-        "xds": entry.xds,
-        "connected_at": unix_seconds(entry.connected_at),
-        "decision": status.policy,
-        "plan": status.plan,
-        "listeners": status.listeners,
-        "rewritten_chains": rewritten_chains,
-        "last_push": status.pushes.iter().map(|(t, p)| (t.clone(), json!({
-            "at": unix_seconds(p.at),
-            "origin": p.origin,
-            "nonce": p.nonce,
-            "version": p.version,
-            "resources": p.resources,
-        }))).collect::<serde_json::Map<_, _>>(),
-        "acks": status.acks,
-        "rewrite_rejected": status.rewrite_rejected,
-    })
+#[derive(Serialize)]
+struct ProxiesView<'a> {
+    /// Every connected stream, also those the node filter left out.
+    connected: usize,
+    cached_listeners: usize,
+    proxies: Vec<ProxyView<'a>>,
+}
+
+/// One proxy as `/debug/proxies` shows it. Its status is copied out under the lock, which is
+/// held only for that copy; listeners are shared, not copied.
+#[derive(Serialize)]
+struct ProxyView<'a> {
+    stream_id: u64,
+    node_id: &'a str,
+    workload: &'a Option<Workload>,
+    workload_from: &'static str,
+    istio_version: &'a Option<String>,
+    xds: XdsForm,
+    connected_at: f64,
+    decision: Option<EffectivePolicy>,
+    plan: RewritePlan,
+    listener_count: usize,
+    rewritten_chain_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listeners: Option<Vec<Arc<RewrittenListener>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rewritten_chains: Option<Vec<RewrittenChainView>>,
+    last_push: BTreeMap<String, PushView>,
+    acks: BTreeMap<String, AckRecord>,
+    rewrite_rejected: Option<String>,
+}
+
+impl<'a> ProxyView<'a> {
+    fn of(entry: &'a ProxyEntry, detail: bool) -> Self {
+        let status = entry.status();
+        let rewritten = || {
+            status
+                .listeners
+                .iter()
+                .filter_map(|l| l.report.as_ref())
+                .flat_map(|report| {
+                    report
+                        .chains
+                        .iter()
+                        .filter(|c| !c.added.is_empty())
+                        .map(move |c| (report, c))
+                })
+        };
+        let rewritten_chains = detail.then(|| {
+            rewritten()
+                .map(|(report, c)| RewrittenChainView {
+                    listener: report.name.clone(),
+                    chain: c.name.clone(),
+                    index: c.index,
+                    destination_port: c.destination_port,
+                    kind: c.kind,
+                    added: c.added.clone(),
+                })
+                .collect()
+        });
+        ProxyView {
+            stream_id: entry.stream_id,
+            node_id: &entry.identity.node_id,
+            workload: &entry.identity.workload,
+            workload_from: entry.identity.workload_from,
+            istio_version: &entry.identity.istio_version,
+            xds: entry.xds,
+            connected_at: unix_seconds(entry.connected_at),
+            decision: status.policy.clone(),
+            plan: status.plan.clone(),
+            listener_count: status.listeners.len(),
+            rewritten_chain_count: rewritten().count(),
+            listeners: detail.then(|| status.listeners.clone()),
+            rewritten_chains,
+            last_push: status
+                .pushes
+                .iter()
+                .map(|(type_url, push)| (type_url.clone(), PushView::of(push)))
+                .collect(),
+            acks: status.acks.clone(),
+            rewrite_rejected: status.rewrite_rejected.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RewrittenChainView {
+    listener: String,
+    chain: String,
+    index: usize,
+    destination_port: Option<u32>,
+    kind: ChainKind,
+    added: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct PushView {
+    at: f64,
+    origin: PushOrigin,
+    nonce: String,
+    version: String,
+    resources: usize,
+}
+
+impl PushView {
+    fn of(push: &PushRecord) -> Self {
+        PushView {
+            at: unix_seconds(push.at),
+            origin: push.origin,
+            nonce: push.nonce.clone(),
+            version: push.version.clone(),
+            resources: push.resources,
+        }
+    }
 }
 
 async fn policies(State(relay): State<Arc<Relay>>) -> Json<Value> {
@@ -172,3 +264,6 @@ fn unix_seconds(at: SystemTime) -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -215,7 +215,12 @@ impl Sidecar {
     }
 
     async fn find_debug_proxy(&self) -> Result<Value, Value> {
-        let proxies = self.relay.admin_json("/debug/proxies").await;
+        let node: String =
+            form_urlencoded::byte_serialize(self.bootstrap.node_id.as_bytes()).collect();
+        let proxies = self
+            .relay
+            .admin_json(&format!("/debug/proxies?node={node}"))
+            .await;
         proxies["proxies"]
             .as_array()
             .into_iter()
