@@ -103,7 +103,8 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<RunningRelay> {
     );
 
     let upstream = Upstream::new(&args.upstream, upstream_tls(args)?)?
-        .with_connect_rate(args.upstream_connect_rate);
+        .with_connect_rate(args.upstream_connect_rate)
+        .with_streams_per_connection(args.upstream_streams_per_connection);
     let limits = Limits {
         max_message_size: args.max_message_size,
         max_stream_age: Some(args.max_connection_age).filter(|age| !age.is_zero()),

@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::relay::DEFAULT_MAX_MESSAGE_SIZE;
+use crate::relay::upstream::DEFAULT_STREAMS_PER_CONNECTION;
 
 /// alpn-xds: an xDS relay in front of istiod that lets mTLS clients without a sidecar, speaking
 /// h2 or http/1.1, reach PERMISSIVE workloads whose PeerAuthentication carries
@@ -155,10 +157,21 @@ pub struct ServeArgs {
     #[arg(long, env = "ALPN_XDS_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
     pub max_message_size: usize,
 
-    /// At most this many new connections to istiod a second, after a burst of as many, so
-    /// that a mass reconnect reaches istiod as a trickle; 0 sets no limit.
+    /// At most this many new streams to istiod a second, after a burst of as many, so that a
+    /// mass reconnect reaches istiod as a trickle; 0 sets no limit.
     #[arg(long, env = "ALPN_XDS_UPSTREAM_CONNECT_RATE", default_value_t = 200)]
     pub upstream_connect_rate: u32,
+
+    /// Sidecar streams that share one HTTP/2 connection to istiod (each keeps a stream of its
+    /// own). 1 gives every sidecar its own connection, as pilot-agent does: about 50 KiB more
+    /// per sidecar, and when istiod closes a connection only one sidecar reconnects.
+    #[arg(
+        long,
+        env = "ALPN_XDS_UPSTREAM_STREAMS_PER_CONNECTION",
+        default_value_t = DEFAULT_STREAMS_PER_CONNECTION,
+        value_parser = clap::value_parser!(u16).range(1..).map(usize::from)
+    )]
+    pub upstream_streams_per_connection: usize,
 
     /// Streams older than this (±10%) are ended so that sidecars spread over replicas after a
     /// scale-up or a rollout; `0s` keeps them forever.

@@ -148,6 +148,7 @@ pub struct Metrics {
     policy_document_errors: Gauge,
     policy_reports: Gauge,
     cached_listeners: Gauge,
+    upstream_connections: Gauge,
     tasks: Gauge,
     rewrite_seconds: Histogram,
 }
@@ -175,6 +176,7 @@ impl Metrics {
             policy_document_errors: Gauge::default(),
             policy_reports: Gauge::default(),
             cached_listeners: Gauge::default(),
+            upstream_connections: Gauge::default(),
             tasks: Gauge::default(),
             // 10 µs to about 0.3 s.
             rewrite_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 16)),
@@ -239,6 +241,12 @@ impl Metrics {
             "cached_listeners",
             "Rewritten listeners held in the shared cache",
             metrics.cached_listeners.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "HTTP/2 connections to istiod open now, each carrying up to \
+             --upstream-streams-per-connection sidecar streams",
+            metrics.upstream_connections.clone(),
         );
         registry.register(
             "tasks",
@@ -336,9 +344,12 @@ impl Metrics {
         self.rewrite_seconds.observe(took.as_secs_f64());
     }
 
-    /// The metrics in Prometheus' text format, with the cache size as of now.
-    pub fn encode(&self, cached_listeners: usize) -> String {
+    /// The metrics in Prometheus' text format, with the cache size and the connections to istiod
+    /// as of now.
+    pub fn encode(&self, cached_listeners: usize, upstream_connections: usize) -> String {
         self.cached_listeners.set(gauge_value(cached_listeners));
+        self.upstream_connections
+            .set(gauge_value(upstream_connections));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             self.tasks
                 .set(gauge_value(runtime.metrics().num_alive_tasks()));
@@ -396,7 +407,7 @@ mod tests {
             "type.googleapis.com/x.y.Z",
             PushOrigin::Relay,
         );
-        let text = metrics.encode(3);
+        let text = metrics.encode(3, 2);
         assert!(
             text.contains("alpn_xds_streams{form=\"delta\"} 1"),
             "{text}"
@@ -408,11 +419,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("alpn_xds_cached_listeners 3"), "{text}");
+        assert!(text.contains("alpn_xds_upstream_connections 2"), "{text}");
 
         drop(guard);
         assert!(
             metrics
-                .encode(0)
+                .encode(0, 0)
                 .contains("alpn_xds_streams{form=\"delta\"} 0")
         );
     }

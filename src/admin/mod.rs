@@ -75,7 +75,9 @@ async fn metrics(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        relay.metrics.encode(relay.cache.len()),
+        relay
+            .metrics
+            .encode(relay.cache.len(), relay.upstream.connections()),
     )
 }
 

@@ -22,7 +22,7 @@ use super::lds::{Held, Rejections};
 use super::listeners::{Envelope, LISTENER_TYPE, RewrittenListener};
 use super::registry::{ProxyEntry, PushOrigin, Registration, XdsForm};
 use super::stream::{self, Decision, decide};
-use super::upstream::delta_path;
+use super::upstream::{Lease, delta_path};
 use super::versions::{is_relay_nonce, relay_nonce, relay_version, upstream_version};
 use super::{HEALTH_INFO_TYPE, Relay};
 use crate::metrics::{Metrics, PushReason, StreamGauge};
@@ -53,7 +53,7 @@ pub async fn serve(
             let metrics = relay.metrics.clone();
             move |frame| future::ready(on_request(&shared, &entry, &metrics, frame))
         });
-    let upstream = stream::open_upstream(
+    let (upstream, connection) = stream::open_upstream(
         &relay,
         &accepted.span,
         &accepted.metadata,
@@ -70,6 +70,7 @@ pub async fn serve(
         shared,
         tx,
         _gauge: accepted.gauge,
+        _connection: connection,
     };
     tokio::spawn(forwarder.run(upstream).instrument(accepted.span));
     Ok(Response::new(ReceiverStream::new(rx)))
@@ -125,6 +126,8 @@ struct Forwarder {
     policies: watch::Receiver<Arc<PolicySnapshot>>,
     tx: mpsc::Sender<Result<Frame<DeltaDiscoveryResponse>, Status>>,
     _gauge: StreamGauge,
+    /// This stream's share of its connection to istiod.
+    _connection: Lease,
 }
 
 impl Forwarder {

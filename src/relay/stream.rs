@@ -15,8 +15,8 @@ use tracing::{Instrument, Span, debug, info, info_span, warn};
 use super::codec::{Frame, MessageStream, Payloads, error_status, request_body};
 use super::node::ProxyIdentity;
 use super::registry::{ProxyEntry, Registration, XdsForm};
-use super::upstream::{error_chain, forwarded_metadata};
-use super::{Relay, plan_for, workload_for};
+use super::upstream::{Lease, error_chain, forwarded_metadata};
+use super::{Relay, RelayError, plan_for, workload_for};
 use crate::metrics::StreamGauge;
 use crate::policy::EffectivePolicy;
 use crate::rewrite::RewritePlan;
@@ -81,30 +81,33 @@ pub async fn accept<Req: Message + Default>(
 }
 
 /// Opens the sidecar's own stream to istiod, carrying `requests` and the sidecar's metadata.
+/// The lease returned with it is the stream's share of its connection, to be held as long as
+/// the stream lives.
 pub async fn open_upstream<Req, Resp>(
     relay: &Relay,
     span: &Span,
     metadata: &MetadataMap,
     requests: impl Stream<Item = Frame<Req>> + Send + 'static,
     path: PathAndQuery,
-) -> Result<MessageStream<Resp>, Status>
+) -> Result<(MessageStream<Resp>, Lease), Status>
 where
     Req: Message + Default + Payloads + Send + Sync + 'static,
     Resp: Message + Default + Send + Sync + 'static,
 {
-    let mut channel = relay
-        .upstream
-        .connect()
-        .instrument(span.clone())
-        .await
-        .map_err(|e| {
-            relay.metrics.upstream_error();
-            warn!(parent: span, error = %e, "cannot reach istiod");
-            Status::unavailable(e.to_string())
-        })?;
+    let lease = relay.upstream.connect().instrument(span.clone()).await;
+    let mut channel = lease.channel();
+    let unreachable = |e: &dyn std::error::Error| {
+        relay.metrics.upstream_error();
+        let e = RelayError::UpstreamConnect {
+            address: relay.upstream.address().to_string(),
+            reason: error_chain(e),
+        };
+        warn!(parent: span, error = %e, "cannot reach istiod");
+        Status::unavailable(e.to_string())
+    };
     std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await
-        .map_err(|e| Status::unavailable(format!("istiod is not ready: {}", error_chain(&e))))?;
+        .map_err(|e| unreachable(&e))?;
 
     let limit = relay.limits.max_message_size;
     let mut request = http::Request::new(request_body(requests, limit));
@@ -122,11 +125,12 @@ where
         info!(parent: span, code = ?status.code(), message = status.message(), "istiod refused the stream");
         status
     };
+    // A transport error: the connection could not be made or was lost before istiod answered.
     let response = channel
         .call(request)
         .instrument(span.clone())
         .await
-        .map_err(|e| refused(Status::unavailable(error_chain(&e))))?;
+        .map_err(|e| unreachable(&e))?;
     if let Some(status) = error_status(response.headers()) {
         return Err(refused(status));
     }
@@ -134,7 +138,7 @@ where
         let status = Status::unknown(format!("istiod answered HTTP {}", response.status()));
         return Err(refused(status));
     }
-    Ok(MessageStream::new(response.into_body(), limit))
+    Ok((MessageStream::new(response.into_body(), limit), lease))
 }
 
 /// The sidecar's requests after the first, ending at its half-close or its first error.
