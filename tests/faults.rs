@@ -1,6 +1,6 @@
 //! Faults around the relay: istiod crashing mid-push and coming back, a sidecar going
-//! away mid-push, a sidecar that stops reading, and a thousand sidecars reconnecting after a
-//! relay restart. Each test states the load it runs under and the bounds it holds the relay to;
+//! away mid-push, a sidecar that stops reading, a thousand sidecars reconnecting after a
+//! relay restart, and istiod closing a connection that several sidecars' streams share. Each test states the load it runs under and the bounds it holds the relay to;
 //! the README's "Reliability" table sums them up.
 
 mod support;
@@ -716,5 +716,84 @@ async fn a_thousand_sidecars_reconnect_after_a_relay_restart() {
     );
     for task in tasks {
         task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. istiod closes a connection shared by several sidecars' streams (its MaxServerConnectionAge).
+
+/// istiod sends a GOAWAY once a connection is 1 s old. Sidecars that connect afterwards must be
+/// served on a new connection, not refused on the closing one, and the sidecars on the old
+/// connection keep their streams and still get pushes. (istiod cutting the old connection after
+/// its grace is the crash of part 1.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_closing_a_shared_connection_refuses_no_new_sidecar() {
+    // Load: 4 SotW sidecars on one istiod connection (the relay's default puts up to 16 on one),
+    // then 4 more after istiod's GOAWAY on it.
+    const FIRST: usize = 4;
+    const AGE: Duration = Duration::from_secs(1);
+
+    let upstream =
+        TestUpstream::start_with_connection_age(lds_snapshot("v0", big_listener(1024, 0)), AGE)
+            .await
+            .expect("start the upstream");
+    let policies = policy_dir();
+    let relay = RelayProcess::start(&upstream.url(), policies.path()).await;
+    let channel = channel(&relay).await;
+    let upstream_connections = || async {
+        metric(
+            &relay.admin_get("/metrics").await.body,
+            "alpn_xds_upstream_connections",
+        )
+    };
+
+    let started = Instant::now();
+    let mut sidecars = Vec::new();
+    for id in 0..FIRST {
+        let mut client = AdsClient::open(Form::Sotw, channel.clone(), id)
+            .await
+            .expect("open a first sidecar");
+        assert_eq!(client.next().await.as_deref(), Some("v0"), "sidecar {id}");
+        sidecars.push(client);
+    }
+    assert_eq!(
+        upstream_connections().await,
+        Some(1.0),
+        "the first four share one"
+    );
+    assert!(
+        started.elapsed() < AGE,
+        "the first four connected before the GOAWAY"
+    );
+
+    // Past the connection's age: istiod has sent its GOAWAY on it.
+    tokio::time::sleep((AGE + Duration::from_millis(300)).saturating_sub(started.elapsed())).await;
+    for id in FIRST..2 * FIRST {
+        let opened = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut client = AdsClient::open(Form::Sotw, channel.clone(), id).await?;
+            Ok::<_, tonic::Status>((client.next().await, client))
+        })
+        .await;
+        let (version, client) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(status)) => panic!("sidecar {id} refused after the GOAWAY: {status}"),
+            Err(_) => panic!("sidecar {id} got nothing within 2 s after the GOAWAY"),
+        };
+        assert_eq!(version.as_deref(), Some("v0"), "sidecar {id}");
+        sidecars.push(client);
+    }
+    // Each sidecar's stream reached istiod once: none was retried after a refusal.
+    assert_eq!(upstream.recording().streams.len(), 2 * FIRST);
+    let connections = upstream_connections().await;
+    assert!(
+        connections.is_some_and(|n| n >= 2.0),
+        "a new connection after the GOAWAY: {connections:?}"
+    );
+
+    // Old and new streams alike still get istiod's pushes.
+    upstream.push(LISTENER_TYPE_URL, "v1", vec![big_listener(1024, 1)]);
+    for (id, client) in sidecars.iter_mut().enumerate() {
+        let next = tokio::time::timeout(CONFIG_TIMEOUT, client.next()).await;
+        assert_eq!(next, Ok(Some("v1".to_string())), "sidecar {id}");
     }
 }

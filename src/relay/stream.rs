@@ -94,8 +94,6 @@ where
     Req: Message + Default + Payloads + Send + Sync + 'static,
     Resp: Message + Default + Send + Sync + 'static,
 {
-    let lease = relay.upstream.connect().instrument(span.clone()).await;
-    let mut channel = lease.channel();
     let unreachable = |e: &dyn std::error::Error| {
         relay.metrics.upstream_error();
         let e = RelayError::UpstreamConnect {
@@ -105,32 +103,40 @@ where
         warn!(parent: span, error = %e, "cannot reach istiod");
         Status::unavailable(e.to_string())
     };
-    std::future::poll_fn(|cx| channel.poll_ready(cx))
-        .await
-        .map_err(|e| unreachable(&e))?;
-
     let limit = relay.limits.max_message_size;
-    let mut request = http::Request::new(request_body(requests, limit));
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = http::Uri::from(path);
-    *request.headers_mut() = forwarded_metadata(metadata).into_headers();
-    let headers = request.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    let requests = Unsent::new(requests);
+
+    // A second attempt only when the first connection refused the stream before reading any of
+    // it, which is what a connection istiod is closing (a GOAWAY) does.
+    let mut attempts = 0;
+    let (response, lease) = loop {
+        attempts += 1;
+        let lease = relay.upstream.connect().instrument(span.clone()).await;
+        let mut channel = lease.channel();
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let body = request_body(requests.clone(), limit);
+        match channel
+            .call(grpc_request(body, &path, metadata))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(response) => break (response, lease),
+            Err(e) if attempts == 1 && requests.untouched() => {
+                lease.retire();
+                debug!(parent: span, error = %error_chain(&e), "istiod's connection refused a new stream; opening it on another");
+            }
+            // A transport error: the connection could not be made or was lost before istiod
+            // answered.
+            Err(e) => return Err(unreachable(&e)),
+        }
+    };
 
     let refused = |status: Status| {
         info!(parent: span, code = ?status.code(), message = status.message(), "istiod refused the stream");
         status
     };
-    // A transport error: the connection could not be made or was lost before istiod answered.
-    let response = channel
-        .call(request)
-        .instrument(span.clone())
-        .await
-        .map_err(|e| unreachable(&e))?;
     if let Some(status) = error_status(response.headers()) {
         return Err(refused(status));
     }
@@ -139,6 +145,76 @@ where
         return Err(refused(status));
     }
     Ok((MessageStream::new(response.into_body(), limit), lease))
+}
+
+/// A gRPC call on `path` carrying `body` and the sidecar's metadata.
+fn grpc_request(
+    body: tonic::body::Body,
+    path: &PathAndQuery,
+    metadata: &MetadataMap,
+) -> http::Request<tonic::body::Body> {
+    let mut request = http::Request::new(body);
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::from(path.clone());
+    *request.headers_mut() = forwarded_metadata(metadata).into_headers();
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    request
+}
+
+/// The sidecar's requests, handed to whichever request body reads them first. A body that a
+/// connection dropped unread leaves them for the next attempt.
+struct Unsent<T> {
+    slot: Arc<std::sync::Mutex<Option<futures::stream::BoxStream<'static, T>>>>,
+    taken: Option<futures::stream::BoxStream<'static, T>>,
+}
+
+impl<T> Unsent<T> {
+    fn new(requests: impl Stream<Item = T> + Send + 'static) -> Self {
+        Self {
+            slot: Arc::new(std::sync::Mutex::new(Some(requests.boxed()))),
+            taken: None,
+        }
+    }
+
+    /// Whether no body has read the requests yet.
+    fn untouched(&self) -> bool {
+        self.slot.lock().is_ok_and(|slot| slot.is_some())
+    }
+}
+
+impl<T> Clone for Unsent<T> {
+    fn clone(&self) -> Self {
+        Self {
+            slot: self.slot.clone(),
+            taken: None,
+        }
+    }
+}
+
+impl<T> Stream for Unsent<T> {
+    type Item = T;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        if self.taken.is_none() {
+            let taken = self.slot.lock().ok().and_then(|mut slot| slot.take());
+            match taken {
+                Some(requests) => self.taken = Some(requests),
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+        match self.taken.as_mut() {
+            Some(requests) => requests.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
 }
 
 /// The sidecar's requests after the first, ending at its half-close or its first error.

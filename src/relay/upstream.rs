@@ -72,6 +72,8 @@ struct Pooled {
     id: u64,
     channel: Channel,
     streams: usize,
+    /// istiod is closing it (a GOAWAY): its streams carry on, new ones go elsewhere.
+    retired: bool,
 }
 
 impl Pool {
@@ -94,6 +96,15 @@ impl Lease {
     /// The connection, to open the stream on.
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// Takes this lease's connection out of use for new streams, because it refused one
+    /// without sending it: istiod is closing it. Streams already on it are left alone.
+    pub fn retire(&self) {
+        let mut connections = self.pool.lock();
+        if let Some(pooled) = connections.iter_mut().find(|c| c.id == self.id) {
+            pooled.retired = true;
+        }
     }
 }
 
@@ -256,7 +267,7 @@ impl Upstream {
         let per_connection = self.pool.per_connection;
         if let Some(pooled) = connections
             .iter_mut()
-            .filter(|c| c.streams < per_connection)
+            .filter(|c| !c.retired && c.streams < per_connection)
             .max_by_key(|c| c.streams)
         {
             // The fullest connection with room: connections fill up and empty ones close.
@@ -272,6 +283,7 @@ impl Upstream {
             id,
             channel: channel.clone(),
             streams: 1,
+            retired: false,
         });
         self.lease(id, channel)
     }
@@ -377,6 +389,16 @@ mod tests {
         drop(leases);
         drop(again);
         assert_eq!(upstream.connections(), 0);
+
+        // A retired connection takes no new stream but lives on with its streams.
+        let kept = upstream.connect().await;
+        kept.retire();
+        let next = upstream.connect().await;
+        assert_ne!(next.id, kept.id);
+        assert_eq!(upstream.connections(), 2);
+        drop(kept);
+        assert_eq!(upstream.connections(), 1);
+        drop(next);
 
         let own = Upstream::new("http://127.0.0.1:1", None)
             .unwrap()

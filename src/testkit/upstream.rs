@@ -141,6 +141,26 @@ impl TestUpstream {
     /// Starts serving `snapshot` on `addr`, as istiod coming back on its old address. A port
     /// that a killed upstream still holds is retried for up to two seconds.
     pub async fn start_on(addr: SocketAddr, snapshot: Snapshot) -> Result<Self, UpstreamError> {
+        Self::serve(addr, snapshot, None).await
+    }
+
+    /// Starts serving `snapshot` on a free port, sending a GOAWAY on each connection once it is
+    /// `age` old, as istiod does with its `MaxServerConnectionAge`. Streams already open carry
+    /// on; new ones must go to another connection. (istiod also cuts the connection after a
+    /// grace period; that is [`TestUpstream::kill`]'s part.)
+    pub async fn start_with_connection_age(
+        snapshot: Snapshot,
+        age: Duration,
+    ) -> Result<Self, UpstreamError> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::serve(addr, snapshot, Some(age)).await
+    }
+
+    async fn serve(
+        addr: SocketAddr,
+        snapshot: Snapshot,
+        connection_age: Option<Duration>,
+    ) -> Result<Self, UpstreamError> {
         let mut attempts = 0;
         let listener = loop {
             match TcpListener::bind(addr).await {
@@ -177,7 +197,12 @@ impl TestUpstream {
         let span = tracing::debug_span!("test_upstream", %addr);
         let server = tokio::spawn(
             async move {
-                let served = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                // Without a grace, tonic sends the GOAWAY at `age` and lets open streams finish.
+                if let Some(age) = connection_age {
+                    builder = builder.max_connection_age(age);
+                }
+                let served = builder
                     .add_service(service)
                     .serve_with_incoming_shutdown(incoming, async {
                         // A dropped sender is a shutdown too.
