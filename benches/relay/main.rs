@@ -36,6 +36,7 @@ use mesh::{Form, Mesh};
 use report::{Machine, Results};
 use rewrite_cost::Effort;
 use run::{RunContext, RunResult, RunSpec};
+use sidecars::DEFAULT_STREAMS_PER_CONNECTION;
 
 /// Measures what alpn-xds costs.
 #[derive(Debug, Parser)]
@@ -61,6 +62,11 @@ struct Args {
     /// Skip parts 2 and 3, the relay runs.
     #[arg(long)]
     no_relay: bool,
+
+    /// Simulated sidecar streams sharing one HTTP/2 connection (1: each its own, as real
+    /// sidecars have; more sockets and more CPU in this process).
+    #[arg(long, default_value_t = DEFAULT_STREAMS_PER_CONNECTION)]
+    sidecars_per_connection: usize,
 
     /// ADS forms to run: sotw, delta (default both).
     #[arg(long, value_delimiter = ',')]
@@ -93,7 +99,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     });
     let forms = forms(args.forms.as_deref())?;
-    check_open_files(streams.iter().copied().max().unwrap_or(0))?;
+    let per_connection = args.sidecars_per_connection.max(1);
+    check_open_files(streams.iter().copied().max().unwrap_or(0), per_connection)?;
 
     let rewrite = if args.no_rewrite {
         Vec::new()
@@ -126,6 +133,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                     form,
                     pushes_per_type,
                     rate: 200.0,
+                    sidecars_per_connection: per_connection,
                 })
             })
             .collect();
@@ -146,6 +154,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         rewrite: &rewrite,
         runs: &runs,
         mesh: &mesh,
+        sidecars_per_connection: per_connection,
         seconds: started.elapsed().as_secs_f64(),
     };
     let text = report::render(&results);
@@ -211,14 +220,15 @@ fn forms(names: Option<&[String]>) -> anyhow::Result<Vec<Form>> {
         .collect()
 }
 
-/// The relay and the upstream each hold a socket per relayed stream.
-fn check_open_files(streams: usize) -> anyhow::Result<()> {
+/// This process holds both ends of the direct connections, the sidecars' ends of the relayed
+/// ones and the upstream's end of the relay's (16 streams to a connection by default).
+fn check_open_files(streams: usize, per_connection: usize) -> anyhow::Result<()> {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let soft: Option<usize> = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3)?.parse().ok());
-    let needed = streams + streams / 5 + 256;
+    let needed = 3 * streams.div_ceil(per_connection) + streams / 16 + 256;
     match soft {
         Some(limit) if limit < needed => bail!(
             "{streams} streams need about {needed} open files and the limit is {limit}: \
@@ -241,6 +251,7 @@ async fn smoke() -> anyhow::Result<()> {
         form,
         pushes_per_type: 5,
         rate: 100.0,
+        sidecars_per_connection: DEFAULT_STREAMS_PER_CONNECTION,
     });
     let runs = relay_runs(&specs, mesh).await?;
     for run in &runs {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use crate::mesh::{Mesh, XdsType};
 use crate::rewrite_cost::RewriteRow;
 use crate::run::RunResult;
-use crate::sidecars::{Route, STREAMS_PER_CONNECTION};
+use crate::sidecars::Route;
 use crate::stats::{ms, percentile};
 
 /// Opens the generated part of the file.
@@ -120,6 +120,8 @@ pub struct Results<'a> {
     pub runs: &'a [RunResult],
     /// The resources served.
     pub mesh: &'a Mesh,
+    /// Simulated sidecar streams sharing one connection.
+    pub sidecars_per_connection: usize,
     /// Total wall time, seconds.
     pub seconds: f64,
 }
@@ -539,14 +541,21 @@ fn method(out: &mut String, r: &Results<'_>) {
          process holds the upstream (an ADS server playing istiod, without the test upstream's \
          recording) and the simulated sidecars. All on 127.0.0.1."
     );
+    let sharing = match r.sidecars_per_connection {
+        1 => "each has its own HTTP/2 connection, as real sidecars do".to_string(),
+        n => format!(
+            "{n} streams share one HTTP/2 connection (real sidecars each have their own, which \
+             costs the relay the buffers of one connection more per sidecar)"
+        ),
+    };
     let _ = writeln!(
         out,
         "- **Sidecars.** Each is one ADS stream that subscribes to CDS, EDS and LDS with an \
-         Istio node (namespace `bench`, pod, labels) and ACKs every response. Real sidecars each \
-         have their own connection; here {STREAMS_PER_CONNECTION} streams share one HTTP/2 \
-         connection, on both paths alike. The relay opens one connection to the upstream per \
-         stream, as for real sidecars. As many sidecars connect straight to the upstream as \
-         through the relay, 100 of each at a time, each batch in sync before the next."
+         Istio node (namespace `bench`, pod, labels) and ACKs every response; {sharing}, on both \
+         paths alike. The relay puts up to 16 of its streams to the upstream on one connection \
+         (its default `--upstream-streams-per-connection`). As many sidecars connect straight \
+         to the upstream as through the relay, 100 of each at a time, each batch in sync before \
+         the next."
     );
     if let Some(spec) = spec {
         let _ = writeln!(

@@ -53,6 +53,8 @@ pub struct RunSpec {
     pub pushes_per_type: usize,
     /// Pushes per second, per route.
     pub rate: f64,
+    /// Sidecar streams that share one connection, on both routes.
+    pub sidecars_per_connection: usize,
 }
 
 /// Everything a run shares with the others.
@@ -143,8 +145,8 @@ pub async fn run(spec: RunSpec, ctx: &RunContext) -> anyhow::Result<RunResult> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = relay.rss_bytes()?;
 
-    let mut direct = Fleet::new(Route::Direct, spec.form, upstream.addr(), ctx.epoch);
-    let mut relayed = Fleet::new(Route::Relay, spec.form, relay.listen, ctx.epoch);
+    let mut direct = Fleet::new(Route::Direct, &spec, upstream.addr(), ctx.epoch);
+    let mut relayed = Fleet::new(Route::Relay, &spec, relay.listen, ctx.epoch);
     // Half the sidecars, then all of them, each time idle and holding their listeners: the
     // difference is what the second half costs, without what the first stream costs once.
     let half = spec.streams / 2;

@@ -1,10 +1,11 @@
 //! Simulated sidecars: ADS clients that subscribe to CDS, EDS and LDS as Envoy does, ACK every
 //! response, and note when each response was sent (from its nonce) and received.
 //!
-//! Real sidecars each have a connection of their own. Here up to [`STREAMS_PER_CONNECTION`]
-//! streams share one HTTP/2 connection, the same way on the direct path and through the relay,
-//! so that the driver does not need a socket per sidecar; the relay still opens one connection
-//! to istiod per stream, as it does for real sidecars.
+//! Real sidecars each have a connection of their own. By default up to
+//! [`DEFAULT_STREAMS_PER_CONNECTION`] streams share one HTTP/2 connection here, the same way on
+//! the direct path and through the relay, so that the driver does not need a socket per
+//! sidecar; `--sidecars-per-connection 1` gives each its own. The relay shares its connections
+//! to istiod as it does for real sidecars.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -24,13 +25,14 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::grpc::{self, Messages};
 use crate::mesh::{Form, SIDECARS_PER_WORKLOAD, XdsType};
+use crate::run::RunSpec;
 use crate::upstream::stamp;
 use alpn_xds::relay::upstream::{DELTA_PATH, SOTW_PATH};
 use alpn_xds::relay::versions::NONCE_PREFIX;
 use alpn_xds::wire;
 
-/// Streams that share one connection of the simulated sidecars.
-pub const STREAMS_PER_CONNECTION: usize = 100;
+/// Streams that share one connection of the simulated sidecars, unless told otherwise.
+pub const DEFAULT_STREAMS_PER_CONNECTION: usize = 100;
 
 /// Requests waiting to be sent, per stream.
 const REQUEST_QUEUE: usize = 8;
@@ -186,6 +188,7 @@ impl RouteStats {
 pub struct Fleet {
     route: Route,
     form: Form,
+    per_connection: usize,
     target: SocketAddr,
     epoch: Instant,
     /// What they saw.
@@ -196,11 +199,12 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// No sidecars yet; they will connect to `target` speaking `form`.
-    pub fn new(route: Route, form: Form, target: SocketAddr, epoch: Instant) -> Self {
+    /// No sidecars yet; they will connect to `target` as `spec` says.
+    pub fn new(route: Route, spec: &RunSpec, target: SocketAddr, epoch: Instant) -> Self {
         Self {
             route,
-            form,
+            form: spec.form,
+            per_connection: spec.sidecars_per_connection.max(1),
             target,
             epoch,
             stats: Arc::default(),
@@ -219,7 +223,7 @@ impl Fleet {
     pub async fn add(&mut self, count: usize) -> anyhow::Result<()> {
         for _ in 0..count {
             let index = self.next;
-            if index / STREAMS_PER_CONNECTION >= self.channels.len() {
+            if index / self.per_connection >= self.channels.len() {
                 let channel = Endpoint::from_shared(format!("http://{}", self.target))?
                     .tcp_nodelay(true)
                     .connect_timeout(Duration::from_secs(5))
@@ -228,7 +232,7 @@ impl Fleet {
                     .with_context(|| format!("connecting to {}", self.target))?;
                 self.channels.push(channel);
             }
-            let channel = self.channels[index / STREAMS_PER_CONNECTION].clone();
+            let channel = self.channels[index / self.per_connection].clone();
             let sidecar = Sidecar {
                 id: SidecarId {
                     route: self.route,
