@@ -228,6 +228,46 @@ impl<'a> FieldReader<'a> {
 
     #[inline]
     fn read_field(&mut self) -> Result<Field<'a>, WireProblem> {
+        // Nearly every field of a listener has a one-byte tag and is a varint or
+        // length-delimited: decoded here without the general dispatch.
+        if let Some(&key) = self.buf.get(self.pos)
+            && key < 0x80
+            && key >= 8
+        {
+            let number = u32::from(key >> 3);
+            match key & 7 {
+                0 => {
+                    self.pos += 1;
+                    self.current = Some(number);
+                    let value = read_varint(self.buf, &mut self.pos)?;
+                    return Ok(Field {
+                        number,
+                        value: Value::Varint(value),
+                    });
+                }
+                2 => {
+                    self.pos += 1;
+                    self.current = Some(number);
+                    let prefix_start = self.pos;
+                    let bytes = read_len(self.buf, &mut self.pos)?;
+                    let payload_start = self.pos - bytes.len();
+                    return Ok(Field {
+                        number,
+                        value: Value::Len(LenValue {
+                            bytes,
+                            prefix_start: self.base + prefix_start,
+                            payload_start: self.base + payload_start,
+                        }),
+                    });
+                }
+                _ => {}
+            }
+        }
+        self.read_any_field()
+    }
+
+    /// The general case of [`FieldReader::read_field`]: any tag, any wire type.
+    fn read_any_field(&mut self) -> Result<Field<'a>, WireProblem> {
         self.current = None;
         let key = read_varint(self.buf, &mut self.pos)?;
         let (number, wire) = split_key(key)?;
