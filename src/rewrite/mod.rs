@@ -351,7 +351,8 @@ pub fn rewrite_listener(
     // against later ones, which keeps the outcome independent of anything but the bytes.
     let index = PortIndex::new(&chains);
     let mut adding = vec![AlpnFlags::NONE; chains.len()];
-    let mut reports = Vec::new();
+    let reported = chains.iter().filter(|c| c.mtls_http_kind().is_some());
+    let mut reports = Vec::with_capacity(reported.count());
     for chain in &chains {
         if let Some(report) = plan_chain(chain, plan, &chains, &index, &mut adding) {
             reports.push(report);
