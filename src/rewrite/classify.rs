@@ -184,8 +184,8 @@ impl ChainScan<'_> {
 }
 
 /// Accumulates one chain while its fields are walked.
-struct ChainReader<'a> {
-    scan: ChainScan<'a>,
+struct ChainReader<'s, 'a> {
+    scan: &'s mut ChainScan<'a>,
     /// Read the filters and transport socket of every chain, not only of candidates.
     full: bool,
     seen_socket: bool,
@@ -207,7 +207,7 @@ enum Inner {
     Socket,
 }
 
-impl<'a> ChainReader<'a> {
+impl<'a> ChainReader<'_, 'a> {
     fn repeated(&mut self, field: &'static str) {
         self.inner_repeated.get_or_insert(field);
     }
@@ -393,15 +393,10 @@ pub(crate) enum Depth {
     Candidates,
 }
 
-/// Reads one filter chain in one walk: its match and, as `depth` asks, its TLS socket and its
-/// HTTP connection manager.
-pub(crate) fn scan_chain(
-    index: usize,
-    chain: LenValue<'_>,
-    depth: Depth,
-) -> Result<ChainScan<'_>, Malformed> {
-    let mut reader = ChainReader {
-        scan: ChainScan {
+impl<'a> ChainScan<'a> {
+    /// A chain not read yet.
+    pub fn new(index: usize, chain: LenValue<'a>) -> Self {
+        ChainScan {
             index,
             chain,
             name: "",
@@ -409,7 +404,29 @@ pub(crate) fn scan_chain(
             has_tls: false,
             has_hcm: false,
             repeated_singular: None,
-        },
+        }
+    }
+}
+
+/// Reads one filter chain: its match and, as `depth` asks, its TLS socket and its HTTP
+/// connection manager.
+#[cfg(test)]
+pub(crate) fn scan_chain(
+    index: usize,
+    chain: LenValue<'_>,
+    depth: Depth,
+) -> Result<ChainScan<'_>, Malformed> {
+    let mut scan = ChainScan::new(index, chain);
+    read_chain(&mut scan, depth)?;
+    Ok(scan)
+}
+
+/// Reads the chain of a [`ChainScan::new`] in one walk, filling it in where it lies (a
+/// `ChainScan` is large, and chains are many).
+pub(crate) fn read_chain(scan: &mut ChainScan<'_>, depth: Depth) -> Result<(), Malformed> {
+    let (index, chain) = (scan.index, scan.chain);
+    let mut reader = ChainReader {
+        scan,
         full: depth == Depth::Full,
         seen_socket: false,
         seen_name: false,
@@ -460,10 +477,10 @@ pub(crate) fn scan_chain(
         reader.read_inner(chain).map_err(at)?;
     }
 
-    let mut scan = reader.scan;
+    let scan = reader.scan;
     scan.repeated_singular = scan
         .repeated_singular
         .or(reader.inner_repeated)
         .or(scan.matches.repeated);
-    Ok(scan)
+    Ok(())
 }

@@ -39,7 +39,9 @@ impl PortIndex {
     /// Indexes of the chains filed under the same port as `chain`, in listener order.
     fn same_port(&self, chain: &ChainScan<'_>) -> impl Iterator<Item = usize> + '_ {
         let key = u64::from(port_key(chain.matches.summary.destination_port));
-        let start = self.entries.partition_point(|entry| entry >> INDEX_BITS < key);
+        let start = self
+            .entries
+            .partition_point(|entry| entry >> INDEX_BITS < key);
         self.entries[start..]
             .iter()
             .take_while(move |entry| *entry >> INDEX_BITS == key)

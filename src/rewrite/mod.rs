@@ -390,11 +390,13 @@ fn scan_chains<'a>(
     scan: &classify::ListenerScan<'a>,
     depth: Depth,
 ) -> Result<Vec<ChainScan<'a>>, RewriteError> {
-    let mut chains = Vec::with_capacity(scan.chains.len());
+    let mut chains: Vec<ChainScan<'a>> = Vec::with_capacity(scan.chains.len());
     for (index, chain) in scan.chains.iter().enumerate() {
-        let chain = classify::scan_chain(index, *chain, depth)
-            .map_err(|at| RewriteError::malformed(scan.name, at))?;
-        chains.push(chain);
+        chains.push(ChainScan::new(index, *chain));
+        if let Some(slot) = chains.last_mut() {
+            classify::read_chain(slot, depth)
+                .map_err(|at| RewriteError::malformed(scan.name, at))?;
+        }
     }
     Ok(chains)
 }

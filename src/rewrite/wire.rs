@@ -226,7 +226,7 @@ impl<'a> FieldReader<'a> {
         self.current.filter(|_| self.failed)
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_field(&mut self) -> Result<Field<'a>, WireProblem> {
         // Nearly every field of a listener has a one-byte tag and is a varint or
         // length-delimited: decoded here without the general dispatch.
@@ -267,6 +267,7 @@ impl<'a> FieldReader<'a> {
     }
 
     /// The general case of [`FieldReader::read_field`]: any tag, any wire type.
+    #[inline(never)]
     fn read_any_field(&mut self) -> Result<Field<'a>, WireProblem> {
         self.current = None;
         let key = read_varint(self.buf, &mut self.pos)?;
@@ -306,7 +307,7 @@ impl<'a> FieldReader<'a> {
 impl<'a> Iterator for FieldReader<'a> {
     type Item = Result<Field<'a>, WireProblem>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
