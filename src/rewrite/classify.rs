@@ -6,7 +6,8 @@
 //!
 //! Only the fields needed for that are walked; everything else, the `typed_config` payloads
 //! included, is skipped by its length. The rewrite reads the filters and transport socket only
-//! of chains whose match could make them mTLS HTTP chains (see [`Depth`]).
+//! of chains whose match could make them mTLS HTTP chains (see [`Depth`]), in the same walk as
+//! the match whenever the match comes first, as Envoy's encoders write it.
 
 use super::matching::{AlpnFlags, Matches};
 use super::wire::{FieldReader, LenValue, Value, WireProblem};
@@ -82,7 +83,8 @@ pub(crate) fn scan_listener(bytes: &[u8]) -> Result<ListenerScan<'_>, (Option<&s
         name: None,
         inbound: false,
         has_matcher: false,
-        chains: Vec::new(),
+        // Sidecar inbound listeners have tens of chains: this spares the first regrowths.
+        chains: Vec::with_capacity(64),
     };
     match read_listener(bytes, &mut scan) {
         Ok(()) => Ok(scan),

@@ -231,8 +231,7 @@ impl<'a> FieldReader<'a> {
         // Nearly every field of a listener has a one-byte tag and is a varint or
         // length-delimited: decoded here without the general dispatch.
         if let Some(&key) = self.buf.get(self.pos)
-            && key < 0x80
-            && key >= 8
+            && (8..0x80).contains(&key)
         {
             let number = u32::from(key >> 3);
             match key & 7 {
