@@ -249,6 +249,9 @@ fn istio_1_10_passthrough_fragment_gains_only_h2() {
     )
     .unwrap();
     let chain = rewrite.chains.iter().find(|c| !c.added.is_empty()).unwrap();
-    assert_eq!(chain.added, ["h2"]);
-    assert_eq!(chain.already_present, ["http/1.0", "http/1.1"]);
+    assert_eq!(chain.added.iter().collect::<Vec<_>>(), ["h2"]);
+    assert_eq!(
+        chain.already_present.iter().collect::<Vec<_>>(),
+        ["http/1.0", "http/1.1"]
+    );
 }

@@ -260,7 +260,7 @@ impl Builder<'_> {
                 "{label} gains {}: an application that terminates its own TLS {place}, reached by \
                  a client offering h2 or http/1.1, now meets the sidecar's TLS (which asks for a \
                  mesh client certificate) instead of its own",
-                change.added.join(", ")
+                change.added
             );
             self.warn(
                 WarningKind::ApplicationTls,

@@ -190,16 +190,12 @@ fn listener(out: &mut String, l: &ListenerExplanation) -> std::fmt::Result {
         writeln!(out, "  changes")?;
         for chain in changed {
             writeln!(out, "    chain {}", title(chain))?;
-            writeln!(
-                out,
-                "      adds             {}",
-                chain.change.added.join(", ")
-            )?;
+            writeln!(out, "      adds             {}", chain.change.added)?;
             if !chain.change.already_present.is_empty() {
                 writeln!(
                     out,
                     "      already present  {}",
-                    chain.change.already_present.join(", ")
+                    chain.change.already_present
                 )?;
             }
             collisions(out, chain)?;

@@ -6,7 +6,8 @@
 //!
 //! Only the fields needed for that are walked; everything else, the `typed_config` payloads
 //! included, is skipped by its length. The rewrite reads the filters and transport socket only
-//! of chains whose match could make them mTLS HTTP chains (see [`Depth`]).
+//! of chains whose match could make them mTLS HTTP chains (see [`Depth`]), in the same walk as
+//! the match whenever the match comes first, as Envoy's encoders write it.
 
 use super::matching::{AlpnFlags, Matches};
 use super::wire::{FieldReader, LenValue, Value, WireProblem};
@@ -82,7 +83,8 @@ pub(crate) fn scan_listener(bytes: &[u8]) -> Result<ListenerScan<'_>, (Option<&s
         name: None,
         inbound: false,
         has_matcher: false,
-        chains: Vec::new(),
+        // Sidecar inbound listeners have tens of chains: this spares the first regrowths.
+        chains: Vec::with_capacity(64),
     };
     match read_listener(bytes, &mut scan) {
         Ok(()) => Ok(scan),
@@ -184,15 +186,87 @@ impl ChainScan<'_> {
 }
 
 /// Accumulates one chain while its fields are walked.
-struct ChainReader<'a> {
-    scan: ChainScan<'a>,
+struct ChainReader<'s, 'a> {
+    scan: &'s mut ChainScan<'a>,
+    /// Read the filters and transport socket of every chain, not only of candidates.
+    full: bool,
     seen_socket: bool,
     seen_name: bool,
+    /// The first singular field repeated inside the filters or the transport socket. Kept
+    /// apart from the chain's own fields, which are reported first.
+    inner_repeated: Option<&'static str>,
+    /// The first problem inside the filters or the transport socket. Reported only once the
+    /// whole chain is known to be well framed, as a problem in its own fields comes first.
+    inner_problem: Option<(&'static str, WireProblem)>,
+    /// A filter or transport socket came before the chain was known to be a candidate.
+    deferred: bool,
 }
 
-impl<'a> ChainReader<'a> {
+/// The two parts of a chain that are read only for candidates.
+#[derive(Clone, Copy)]
+enum Inner {
+    Filter,
+    Socket,
+}
+
+impl<'a> ChainReader<'_, 'a> {
     fn repeated(&mut self, field: &'static str) {
-        self.scan.repeated_singular.get_or_insert(field);
+        self.inner_repeated.get_or_insert(field);
+    }
+
+    /// Whether the filters and transport socket are to be read. The ALPN flags only grow as
+    /// the chain is walked, so a chain that is a candidate stays one.
+    fn reads_inner(&self) -> bool {
+        self.full
+            || self
+                .scan
+                .matches
+                .summary
+                .alpns
+                .intersects(AlpnFlags::ISTIO_HTTP)
+    }
+
+    /// Reads a filter or the transport socket as its field is met in the chain's walk, when the
+    /// chain is already known to need it; otherwise leaves it for [`ChainReader::read_inner`].
+    fn inline(&mut self, part: Inner, bytes: &[u8]) {
+        if self.inner_problem.is_some() || self.deferred {
+            return;
+        }
+        if !self.reads_inner() {
+            self.deferred = true;
+            return;
+        }
+        if let Err(problem) = self.read_part(part, bytes) {
+            self.inner_problem = Some(problem);
+        }
+    }
+
+    fn read_part(&mut self, part: Inner, bytes: &[u8]) -> Result<(), (&'static str, WireProblem)> {
+        match part {
+            Inner::Filter => self.scan.has_hcm |= self.read_filter(bytes)?,
+            Inner::Socket => self.scan.has_tls = self.read_socket(bytes)?,
+        }
+        Ok(())
+    }
+
+    /// Reads the filters and transport socket in wire order, from scratch. Only for chains
+    /// whose match came after one of them, which Envoy's own encoders never write.
+    fn read_inner(&mut self, chain: LenValue<'a>) -> Result<(), (&'static str, WireProblem)> {
+        self.scan.has_tls = false;
+        self.scan.has_hcm = false;
+        self.inner_repeated = None;
+        // The chain's walk checked the framing and wire types of these fields.
+        for field in chain.fields().filter_map(Result::ok) {
+            let Value::Len(value) = field.value else {
+                continue;
+            };
+            match field.number {
+                tag::CHAIN_FILTERS => self.read_part(Inner::Filter, value.bytes)?,
+                tag::CHAIN_TRANSPORT_SOCKET => self.read_part(Inner::Socket, value.bytes)?,
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn read_socket(&mut self, socket: &[u8]) -> Result<bool, (&'static str, WireProblem)> {
@@ -321,15 +395,10 @@ pub(crate) enum Depth {
     Candidates,
 }
 
-/// Reads one filter chain: its match and, as `depth` asks, its TLS socket and its HTTP
-/// connection manager.
-pub(crate) fn scan_chain(
-    index: usize,
-    chain: LenValue<'_>,
-    depth: Depth,
-) -> Result<ChainScan<'_>, Malformed> {
-    let mut reader = ChainReader {
-        scan: ChainScan {
+impl<'a> ChainScan<'a> {
+    /// A chain not read yet.
+    pub fn new(index: usize, chain: LenValue<'a>) -> Self {
+        ChainScan {
             index,
             chain,
             name: "",
@@ -337,9 +406,35 @@ pub(crate) fn scan_chain(
             has_tls: false,
             has_hcm: false,
             repeated_singular: None,
-        },
+        }
+    }
+}
+
+/// Reads one filter chain: its match and, as `depth` asks, its TLS socket and its HTTP
+/// connection manager.
+#[cfg(test)]
+pub(crate) fn scan_chain(
+    index: usize,
+    chain: LenValue<'_>,
+    depth: Depth,
+) -> Result<ChainScan<'_>, Malformed> {
+    let mut scan = ChainScan::new(index, chain);
+    read_chain(&mut scan, depth)?;
+    Ok(scan)
+}
+
+/// Reads the chain of a [`ChainScan::new`] in one walk, filling it in where it lies (a
+/// `ChainScan` is large, and chains are many).
+pub(crate) fn read_chain(scan: &mut ChainScan<'_>, depth: Depth) -> Result<(), Malformed> {
+    let (index, chain) = (scan.index, scan.chain);
+    let mut reader = ChainReader {
+        scan,
+        full: depth == Depth::Full,
         seen_socket: false,
         seen_name: false,
+        inner_repeated: None,
+        inner_problem: None,
+        deferred: false,
     };
     let at = |(field, problem)| Malformed {
         chain: Some(index),
@@ -354,49 +449,40 @@ pub(crate) fn scan_chain(
                 reader.scan.matches.read(fcm).map_err(at)?;
             }
             tag::CHAIN_FILTERS => {
-                field.len().map_err(|p| at(("filters", p)))?;
+                let filter = field.len().map_err(|p| at(("filters", p)))?;
+                reader.inline(Inner::Filter, filter.bytes);
             }
             tag::CHAIN_TRANSPORT_SOCKET => {
-                field.len().map_err(|p| at(("transport_socket", p)))?;
+                let socket = field.len().map_err(|p| at(("transport_socket", p)))?;
                 if std::mem::replace(&mut reader.seen_socket, true) {
-                    reader.repeated("transport_socket");
+                    reader
+                        .scan
+                        .repeated_singular
+                        .get_or_insert("transport_socket");
                 }
+                reader.inline(Inner::Socket, socket.bytes);
             }
             tag::CHAIN_NAME => {
                 reader.scan.name = field.str().map_err(|p| at(("name", p)))?;
                 if std::mem::replace(&mut reader.seen_name, true) {
-                    reader.repeated("name");
+                    reader.scan.repeated_singular.get_or_insert("name");
                 }
             }
             _ => {}
         }
     }
 
-    let candidate = reader
-        .scan
-        .matches
-        .summary
-        .alpns
-        .intersects(AlpnFlags::ISTIO_HTTP);
-    if depth == Depth::Full || candidate {
-        // The first walk checked the framing and wire types of these fields.
-        for field in chain.fields().filter_map(Result::ok) {
-            let Value::Len(value) = field.value else {
-                continue;
-            };
-            match field.number {
-                tag::CHAIN_FILTERS => {
-                    reader.scan.has_hcm |= reader.read_filter(value.bytes).map_err(at)?;
-                }
-                tag::CHAIN_TRANSPORT_SOCKET => {
-                    reader.scan.has_tls = reader.read_socket(value.bytes).map_err(at)?;
-                }
-                _ => {}
-            }
-        }
+    if let Some(problem) = reader.inner_problem {
+        return Err(at(problem));
+    }
+    if reader.deferred && reader.reads_inner() {
+        reader.read_inner(chain).map_err(at)?;
     }
 
-    let mut scan = reader.scan;
-    scan.repeated_singular = scan.repeated_singular.or(scan.matches.repeated);
-    Ok(scan)
+    let scan = reader.scan;
+    scan.repeated_singular = scan
+        .repeated_singular
+        .or(reader.inner_repeated)
+        .or(scan.matches.repeated);
+    Ok(())
 }

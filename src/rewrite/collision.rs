@@ -16,19 +16,20 @@ use super::matching::{AlpnFlags, CidrList, read_cidr};
 
 /// Chain indexes grouped by the destination-port key Envoy files them under.
 pub(crate) struct PortIndex {
-    /// `(port key, chain index)`, sorted.
-    entries: Vec<(u32, usize)>,
+    /// The port key in the top 16 bits, the chain index below: sorted, they group the chains
+    /// by port in listener order. An index fits, as no listener in memory has 2^48 chains.
+    entries: Vec<u64>,
 }
+
+const INDEX_BITS: u32 = 48;
 
 impl PortIndex {
     pub fn new(chains: &[ChainScan<'_>]) -> Self {
-        let mut entries: Vec<(u32, usize)> = chains
+        let mut entries: Vec<u64> = chains
             .iter()
             .map(|chain| {
-                (
-                    port_key(chain.matches.summary.destination_port),
-                    chain.index,
-                )
+                let key = port_key(chain.matches.summary.destination_port);
+                (u64::from(key) << INDEX_BITS) | chain.index as u64
             })
             .collect();
         entries.sort_unstable();
@@ -37,12 +38,14 @@ impl PortIndex {
 
     /// Indexes of the chains filed under the same port as `chain`, in listener order.
     fn same_port(&self, chain: &ChainScan<'_>) -> impl Iterator<Item = usize> + '_ {
-        let key = port_key(chain.matches.summary.destination_port);
-        let start = self.entries.partition_point(|(k, _)| *k < key);
+        let key = u64::from(port_key(chain.matches.summary.destination_port));
+        let start = self
+            .entries
+            .partition_point(|entry| entry >> INDEX_BITS < key);
         self.entries[start..]
             .iter()
-            .take_while(move |(k, _)| *k == key)
-            .map(|(_, index)| *index)
+            .take_while(move |entry| *entry >> INDEX_BITS == key)
+            .map(|entry| (entry & ((1 << INDEX_BITS) - 1)) as usize)
     }
 }
 

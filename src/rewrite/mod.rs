@@ -143,9 +143,9 @@ pub struct ChainChange {
     /// Whether the plan asked for standard ALPNs on this chain's port.
     pub planned: bool,
     /// The values appended, in order.
-    pub added: Vec<String>,
+    pub added: AlpnSet,
     /// Standard values the chain already listed, so not added again.
-    pub already_present: Vec<String>,
+    pub already_present: AlpnSet,
     /// Planned values left out because another chain claims them on the same match path.
     pub collisions: Vec<Collision>,
     /// Why the chain was left untouched although it looks like an mTLS HTTP chain: a field that
@@ -155,6 +155,67 @@ pub struct ChainChange {
     /// era and before), so with an HTTP inspector on its port the added `http/1.0`/`http/1.1`
     /// also catch plaintext HTTP/1 connections that used to go to the plaintext chain.
     pub may_capture_plaintext: bool,
+}
+
+/// Some of the [`STANDARD_ALPNS`], always listed in that order (the order the rewrite appends
+/// them in). Serialized as the list of the values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AlpnSet(u8);
+
+impl AlpnSet {
+    /// No value.
+    pub const EMPTY: AlpnSet = AlpnSet(0);
+
+    /// Every standard value.
+    pub const ALL: AlpnSet = AlpnSet((1 << STANDARD_ALPNS.len()) - 1);
+
+    /// The values, in the order of [`STANDARD_ALPNS`].
+    pub fn iter(self) -> impl Iterator<Item = &'static str> + Clone {
+        STANDARD_ALPNS
+            .into_iter()
+            .enumerate()
+            .filter(move |(position, _)| self.0 & (1 << position) != 0)
+            .map(|(_, value)| value)
+    }
+
+    /// Number of values.
+    pub fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    /// Whether there is no value.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether `value` is one of the values.
+    pub fn contains(self, value: &str) -> bool {
+        self.iter().any(|known| known == value)
+    }
+
+    /// Adds `STANDARD_ALPNS[position]`.
+    fn insert(&mut self, position: usize) {
+        self.0 |= 1 << position;
+    }
+}
+
+/// The values separated by `", "`.
+impl fmt::Display for AlpnSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, value) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(value)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for AlpnSet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
 }
 
 /// A planned ALPN value that was not added because of another chain.
@@ -290,7 +351,8 @@ pub fn rewrite_listener(
     // against later ones, which keeps the outcome independent of anything but the bytes.
     let index = PortIndex::new(&chains);
     let mut adding = vec![AlpnFlags::NONE; chains.len()];
-    let mut reports = Vec::new();
+    let reported = chains.iter().filter(|c| c.mtls_http_kind().is_some());
+    let mut reports = Vec::with_capacity(reported.count());
     for chain in &chains {
         if let Some(report) = plan_chain(chain, plan, &chains, &index, &mut adding) {
             reports.push(report);
@@ -328,11 +390,13 @@ fn scan_chains<'a>(
     scan: &classify::ListenerScan<'a>,
     depth: Depth,
 ) -> Result<Vec<ChainScan<'a>>, RewriteError> {
-    let mut chains = Vec::with_capacity(scan.chains.len());
+    let mut chains: Vec<ChainScan<'a>> = Vec::with_capacity(scan.chains.len());
     for (index, chain) in scan.chains.iter().enumerate() {
-        let chain = classify::scan_chain(index, *chain, depth)
-            .map_err(|at| RewriteError::malformed(scan.name, at))?;
-        chains.push(chain);
+        chains.push(ChainScan::new(index, *chain));
+        if let Some(slot) = chains.last_mut() {
+            classify::read_chain(slot, depth)
+                .map_err(|at| RewriteError::malformed(scan.name, at))?;
+        }
     }
     Ok(chains)
 }
@@ -353,8 +417,8 @@ fn plan_chain(
         destination_port: chain.matches.summary.destination_port,
         kind,
         planned: plan.adds(chain.matches.summary.destination_port),
-        added: Vec::new(),
-        already_present: Vec::new(),
+        added: AlpnSet::EMPTY,
+        already_present: AlpnSet::EMPTY,
         collisions: Vec::new(),
         not_understood: chain
             .repeated_singular
@@ -365,7 +429,7 @@ fn plan_chain(
     for (position, value) in STANDARD_ALPNS.into_iter().enumerate() {
         let flag = AlpnFlags::standard(position);
         if chain.matches.summary.alpns.contains(flag) {
-            report.already_present.push(value.to_owned());
+            report.already_present.insert(position);
             continue;
         }
         if !report.planned || report.not_understood.is_some() {
@@ -381,7 +445,7 @@ fn plan_chain(
                 if let Some(slot) = adding.get_mut(chain.index) {
                     slot.insert(flag);
                 }
-                report.added.push(value.to_owned());
+                report.added.insert(position);
             }
         }
     }

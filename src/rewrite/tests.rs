@@ -62,6 +62,11 @@ fn strings(values: &[&str]) -> Vec<String> {
     values.iter().map(|v| v.to_string()).collect()
 }
 
+/// The values of a report's set, as a list to compare with [`strings`].
+fn listed(set: AlpnSet) -> Vec<String> {
+    set.iter().map(str::to_string).collect()
+}
+
 fn fcm(dest: Option<u32>, transport: &str, alpns: &[&str]) -> FilterChainMatch {
     FilterChainMatch {
         destination_port: dest.map(port),
@@ -533,7 +538,7 @@ fn check_layout(built: &Built, plan: &RewritePlan, unknown: &Unknown) -> Listene
     let reported: Vec<(usize, Vec<String>)> = result
         .chains
         .iter()
-        .map(|c| (c.index, c.added.clone()))
+        .map(|c| (c.index, listed(c.added)))
         .collect();
     let wanted: Vec<(usize, Vec<String>)> = built
         .roles()
@@ -696,10 +701,10 @@ fn same_input_gives_same_bytes_and_a_second_rewrite_changes_nothing() {
     assert_eq!(again.chains.len(), first.chains.len());
     for (before, after) in first.chains.iter().zip(&again.chains) {
         assert!(after.added.is_empty() && after.collisions.is_empty());
-        let mut present = before.already_present.clone();
-        present.extend(before.added.iter().cloned());
+        let mut present = listed(before.already_present);
+        present.extend(listed(before.added));
         present.sort();
-        let mut now = after.already_present.clone();
+        let mut now = listed(after.already_present);
         now.sort();
         assert_eq!(now, present);
     }
@@ -778,7 +783,7 @@ fn a_value_another_chain_claims_on_the_same_match_is_not_added() {
     assert_same_apart_from(&input, result.output.as_ref().unwrap(), &additions);
 
     let change = &result.chains[0];
-    assert_eq!(change.added, strings(&["http/1.0", "http/1.1"]));
+    assert_eq!(listed(change.added), strings(&["http/1.0", "http/1.1"]));
     assert_eq!(
         change.collisions,
         vec![Collision {
@@ -1078,7 +1083,7 @@ fn istio_1_3_shape_with_alpn_istio_only() {
     let result = check_layout(&built, &everywhere(), &Unknown::default());
     let change = &result.chains[0];
     assert_eq!((change.index, change.kind), (4, ChainKind::DeclaredHttp));
-    assert_eq!(change.added, strings(&STANDARD_ALPNS));
+    assert_eq!(listed(change.added), strings(&STANDARD_ALPNS));
     // No transport_protocol on the match: http/1.x sniffed on plaintext would now land here.
     assert!(change.may_capture_plaintext);
 }
@@ -1152,14 +1157,14 @@ fn istio_1_6_shape_with_standard_alpns_already_on_the_catch_all() {
 
     let result = check_layout(&built, &everywhere(), &Unknown::default());
     let catch_all = &result.chains[0];
-    assert_eq!(catch_all.added, strings(&["h2"]));
+    assert_eq!(listed(catch_all.added), strings(&["h2"]));
     assert_eq!(
-        catch_all.already_present,
+        listed(catch_all.already_present),
         strings(&["http/1.0", "http/1.1"])
     );
     assert!(!catch_all.may_capture_plaintext);
     let port = &result.chains[1];
-    assert_eq!(port.added, strings(&STANDARD_ALPNS));
+    assert_eq!(listed(port.added), strings(&STANDARD_ALPNS));
     assert!(port.may_capture_plaintext);
 }
 

@@ -226,8 +226,48 @@ impl<'a> FieldReader<'a> {
         self.current.filter(|_| self.failed)
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_field(&mut self) -> Result<Field<'a>, WireProblem> {
+        // Nearly every field of a listener has a one-byte tag and is a varint or
+        // length-delimited: decoded here without the general dispatch.
+        if let Some(&key) = self.buf.get(self.pos)
+            && (8..0x80).contains(&key)
+        {
+            let number = u32::from(key >> 3);
+            match key & 7 {
+                0 => {
+                    self.pos += 1;
+                    self.current = Some(number);
+                    let value = read_varint(self.buf, &mut self.pos)?;
+                    return Ok(Field {
+                        number,
+                        value: Value::Varint(value),
+                    });
+                }
+                2 => {
+                    self.pos += 1;
+                    self.current = Some(number);
+                    let prefix_start = self.pos;
+                    let bytes = read_len(self.buf, &mut self.pos)?;
+                    let payload_start = self.pos - bytes.len();
+                    return Ok(Field {
+                        number,
+                        value: Value::Len(LenValue {
+                            bytes,
+                            prefix_start: self.base + prefix_start,
+                            payload_start: self.base + payload_start,
+                        }),
+                    });
+                }
+                _ => {}
+            }
+        }
+        self.read_any_field()
+    }
+
+    /// The general case of [`FieldReader::read_field`]: any tag, any wire type.
+    #[inline(never)]
+    fn read_any_field(&mut self) -> Result<Field<'a>, WireProblem> {
         self.current = None;
         let key = read_varint(self.buf, &mut self.pos)?;
         let (number, wire) = split_key(key)?;
@@ -266,7 +306,7 @@ impl<'a> FieldReader<'a> {
 impl<'a> Iterator for FieldReader<'a> {
     type Item = Result<Field<'a>, WireProblem>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
