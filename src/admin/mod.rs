@@ -20,7 +20,7 @@ use crate::policy::{EffectivePolicy, Workload};
 use crate::relay::Relay;
 use crate::relay::listeners::RewrittenListener;
 use crate::relay::registry::{AckRecord, ProxyEntry, PushOrigin, PushRecord, XdsForm};
-use crate::rewrite::{ChainKind, RewritePlan};
+use crate::rewrite::{AlpnSet, ChainKind, RewritePlan};
 
 /// Errors of the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +228,7 @@ struct RewrittenChainView {
     index: usize,
     destination_port: Option<u32>,
     kind: ChainKind,
-    added: Vec<String>,
+    added: AlpnSet,
 }
 
 #[derive(Serialize)]
