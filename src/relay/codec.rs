@@ -192,13 +192,9 @@ pub fn owned<T: Message + Default>(msg: &T) -> T {
 /// The five bytes before every gRPC message: a compression flag and a big-endian length.
 const HEADER_LEN: usize = 5;
 
-/// Payloads up to this size are copied into the envelope around them; larger ones stay pieces
-/// of their own, shared with the listener cache.
+/// Messages up to this size go to HTTP/2 in one piece with their header; larger ones as two
+/// pieces, so that they are not copied.
 const COALESCE: usize = 4096;
-
-/// Most bytes of a data frame that the body assembles by copying pieces together; a piece this
-/// large goes out on its own, uncopied.
-const CHUNK: usize = 64 * 1024;
 
 /// The gRPC messages of one direction of a stream, as [`Frame`]s: the sidecar's requests, or
 /// istiod's responses.
@@ -366,9 +362,8 @@ impl<T: Message + Default + Payloads> http_body::Body for FrameBody<T> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        if !self.pieces.is_empty() {
-            let chunk = self.next_chunk(BytesMut::new());
-            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+        if let Some(piece) = self.pieces.pop_front() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
         }
         if self.done {
             return Poll::Ready(None);
@@ -379,7 +374,7 @@ impl<T: Message + Default + Payloads> http_body::Body for FrameBody<T> {
             None => return Poll::Ready(self.end(Status::ok(""))),
         };
 
-        let pieces: VecDeque<Bytes> = frame.into_pieces().into();
+        let mut pieces: VecDeque<Bytes> = frame.into_pieces().into();
         let total: usize = pieces.iter().map(Bytes::len).sum();
         let len = match u32::try_from(total) {
             Ok(len) if total <= self.max_message_size => len,
@@ -391,41 +386,21 @@ impl<T: Message + Default + Payloads> http_body::Body for FrameBody<T> {
                 return Poll::Ready(self.end(status));
             }
         };
-        let mut header = BytesMut::with_capacity(HEADER_LEN);
+        // The header goes out with the first piece when that is small, on its own otherwise.
+        let first = pieces
+            .front()
+            .filter(|p| p.len() <= COALESCE)
+            .map(Bytes::len);
+        let mut header = BytesMut::with_capacity(HEADER_LEN + first.unwrap_or(0));
         header.put_u8(0);
         header.put_u32(len);
+        if first.is_some()
+            && let Some(piece) = pieces.pop_front()
+        {
+            header.put_slice(&piece);
+        }
         self.pieces = pieces;
-        let chunk = self.next_chunk(header);
-        Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
-    }
-}
-
-impl<T> FrameBody<T> {
-    /// The next data frame: `start` followed by the pieces that fit in [`CHUNK`] bytes, copied
-    /// together; or, when the next piece is that large itself, `start` alone (or the piece
-    /// alone, shared rather than copied, when there is no `start`).
-    ///
-    /// Each data frame handed to HTTP/2 waits in a slot of the connection's send queue, which
-    /// never shrinks; a response of many small pieces would grow it for good.
-    fn next_chunk(&mut self, mut start: BytesMut) -> Bytes {
-        let large = |piece: &Bytes| piece.len() >= CHUNK;
-        if start.is_empty() && self.pieces.front().is_some_and(large) {
-            return self.pieces.pop_front().unwrap_or_default();
-        }
-        let mut size = start.len();
-        let mut count = 0;
-        for piece in self.pieces.iter() {
-            if large(piece) || size + piece.len() > CHUNK {
-                break;
-            }
-            size += piece.len();
-            count += 1;
-        }
-        start.reserve(size - start.len());
-        for piece in self.pieces.drain(..count) {
-            start.put_slice(&piece);
-        }
-        start.freeze()
+        Poll::Ready(Some(Ok(http_body::Frame::data(header.freeze()))))
     }
 }
 
@@ -534,45 +509,6 @@ mod tests {
         let inside = |b: &Bytes| raw.as_ptr_range().contains(&b.as_ptr());
         assert!(inside(&frame.msg().control_plane));
         assert!(!inside(&kept.control_plane));
-    }
-
-    /// Many small payloads leave as a few data frames of at most `CHUNK` bytes (each frame
-    /// holds a slot of the connection's send queue); a payload of `CHUNK` bytes or more leaves
-    /// as itself, not copied.
-    #[tokio::test]
-    async fn small_pieces_are_sent_in_few_frames_and_large_ones_uncopied() {
-        let large = Bytes::from(vec![7u8; CHUNK + 1]);
-        let mut message = response("v3", &[5000; 60]);
-        message.resources.insert(30, large.clone());
-        let frame = Frame::new(message);
-        let expected = frame.to_bytes();
-
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(Ok(frame)).await.unwrap();
-        drop(tx);
-        let mut body = response_body(ReceiverStream::new(rx), LIMIT);
-        let mut frames = Vec::new();
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.unwrap().into_data() {
-                frames.push(data);
-            }
-        }
-
-        assert!(
-            frames.concat() == grpc_message(&expected),
-            "the frames are the message"
-        );
-        assert!(
-            frames
-                .iter()
-                .all(|f| f.len() <= CHUNK || f.len() == large.len())
-        );
-        // 300 kB of small payloads: five frames of up to 64 KiB, and the large one.
-        assert!(frames.len() <= 8, "{} data frames", frames.len());
-        assert!(
-            frames.iter().any(|f| f.as_ptr() == large.as_ptr()),
-            "the large payload went out as its own bytes"
-        );
     }
 
     #[tokio::test]
