@@ -392,12 +392,17 @@ fn expected_cache(mesh: &Mesh, form: Form, streams: usize) -> (usize, usize) {
     };
     let cache = ListenerCache::default();
     let workloads = streams.div_ceil(SIDECARS_PER_WORKLOAD);
-    let mut bytes = 0;
     let inbound = (0..workloads).map(|w| mesh.inbound(form, w));
-    for listener in inbound.chain(mesh.outbound(form).iter().cloned()) {
-        let entry = cache.rewrite(envelope, &plan, &listener);
-        bytes += entry.input.len() + entry.output.as_ref().map_or(0, Bytes::len);
-    }
+    // Held, as the relay's streams hold theirs: the cache sweeps entries nobody refers to once
+    // it holds 8 MiB, and would then count fewer than the relay must keep.
+    let held: Vec<_> = inbound
+        .chain(mesh.outbound(form).iter().cloned())
+        .map(|listener| cache.rewrite(envelope, &plan, &listener))
+        .collect();
+    let bytes = held
+        .iter()
+        .map(|entry| entry.input.len() + entry.output.as_ref().map_or(0, Bytes::len))
+        .sum();
     (cache.len(), bytes)
 }
 
