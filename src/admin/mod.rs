@@ -192,7 +192,7 @@ impl<'a> ProxyView<'a> {
                     index: c.index,
                     destination_port: c.destination_port,
                     kind: c.kind,
-                    added: c.added.clone(),
+                    added: c.added,
                 })
                 .collect()
         });
